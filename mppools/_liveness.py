@@ -1,0 +1,100 @@
+"""Is the process that recorded ``(pid, start ticks)`` still alive?
+
+A pid alone is unsafe (pids are reused), so every holder is recorded with the start time of
+its process. We use the raw start time in clock ticks since boot, field 22 of
+``/proc/<pid>/stat``: it never moves. ``psutil.Process.create_time()`` is derived from the wall
+clock and shifts when the clock is stepped (giampaolo/psutil#2526, #1724), which would make a
+live holder look like a reused pid, so it is only the fallback where ``/proc`` cannot be read.
+
+A process killed but not yet reaped by its parent is a zombie: ``kill(pid, 0)`` and
+``psutil.pid_exists()`` still say it exists. Its sockets are already closed by the kernel, so
+a zombie counts as dead here.
+
+All processes that share one budget must share one pid namespace (one host, or one
+container); a pid from another namespace would be taken for a dead process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import psutil
+
+__all__ = ["Identity", "identity_of", "is_alive", "self_identity"]
+
+
+class Identity(NamedTuple):
+    """A process as recorded in the shared table: pid plus start time in clock ticks."""
+
+    pid: int
+    start: int
+
+
+_cached: Identity | None = None
+
+
+def _read_stat(pid: int) -> tuple[str, int] | None:
+    """Return ``(state, start ticks)`` of ``pid`` from ``/proc``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return _read_stat_psutil(pid)
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode("ascii"), int(fields[19])
+
+
+def _read_stat_psutil(pid: int) -> tuple[str, int] | None:
+    try:
+        proc = psutil.Process(pid)
+        status = proc.status()
+        created = proc.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    state = "Z" if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else "R"
+    # milliseconds since the epoch stand in for ticks; comparisons use the same source
+    return state, int(created * 1000)
+
+
+def identity_of(pid: int) -> Identity | None:
+    """The identity of a running ``pid``, or None if no such (live) process exists."""
+    stat = _read_stat(pid)
+    if stat is None or stat[0] in ("Z", "X", "x"):
+        return None
+    return Identity(pid, stat[1])
+
+
+def self_identity() -> Identity:
+    """This process's identity (cached; the cache is reset in a forked child)."""
+    global _cached
+    pid = os.getpid()
+    if _cached is None or _cached.pid != pid:
+        ident = identity_of(pid)
+        if ident is None:  # pragma: no cover - we are certainly alive
+            raise RuntimeError("cannot read this process's own start time from /proc")
+        _cached = ident
+    return _cached
+
+
+def is_alive(pid: int, start: int) -> bool:
+    """True if the process ``pid`` started at ``start`` ticks is alive and not a zombie.
+
+    A different start time means the pid was reused by another process: the recorded one is
+    dead.
+    """
+    if pid <= 0:
+        return False
+    stat = _read_stat(pid)
+    if stat is None:
+        return False
+    state, ticks = stat
+    return state not in ("Z", "X", "x") and ticks == start
+
+
+def _reset_after_fork() -> None:
+    global _cached
+    _cached = None

@@ -1,0 +1,1 @@
+"""Test infrastructure: private real brokers (Redis, RabbitMQ) and a counting TCP proxy."""
