@@ -12,12 +12,19 @@ inherited from the parent and must never be used, released or closed by protocol
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
+import socket
+import types
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["ForkAware", "current_epoch", "register"]
+__all__ = [
+    "ForkAware", "bury", "current_epoch", "drop_inherited", "on_fork_in_child", "register",
+]
 
 logger = logging.getLogger("mppools")
 
@@ -28,9 +35,18 @@ class ForkAware(Protocol):
 
 _epoch = 0
 # ordered by priority: limiters first (fresh locks), then pools, then keepers
-_registries: tuple[weakref.WeakSet[ForkAware], ...] = (
-    weakref.WeakSet(), weakref.WeakSet(), weakref.WeakSet()
+# keyed by id(): registered objects need not be hashable (a PoolGroup is a dict)
+_registries: tuple[weakref.WeakValueDictionary[int, ForkAware], ...] = (
+    weakref.WeakValueDictionary(), weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
 )
+#: objects inherited from the parent, kept alive in the child so that no finalizer of theirs
+#: (a transport's __del__, say) ever acts on the parent's connection
+_graveyard: list[object] = []
+
+
+def bury(obj: object) -> None:
+    """Keep an inherited object referenced for the life of this process."""
+    _graveyard.append(obj)
 
 
 def current_epoch() -> int:
@@ -38,9 +54,17 @@ def current_epoch() -> int:
     return _epoch
 
 
+_callbacks: list[Callable[[], None]] = []
+
+
+def on_fork_in_child(callback: Callable[[], None]) -> None:
+    """Run a module-level ``callback`` first in every forked child (for mppools' own modules)."""
+    _callbacks.append(callback)
+
+
 def register(obj: ForkAware, priority: int = 1) -> None:
     """Call ``obj._after_fork_in_child()`` in every forked child while ``obj`` is alive."""
-    _registries[priority].add(obj)
+    _registries[priority][id(obj)] = obj
 
 
 def _after_fork_in_child() -> None:
@@ -49,8 +73,13 @@ def _after_fork_in_child() -> None:
     from mppools import _liveness
 
     _liveness._reset_after_fork()
+    for callback in _callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("mppools: after-fork callback %r failed", callback)
     for registry in _registries:
-        for obj in list(registry):
+        for obj in list(registry.values()):
             try:
                 obj._after_fork_in_child()
             except Exception:  # a failing object must not leave the others inherited
@@ -58,3 +87,67 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _walk_sockets(root: object, budget: int = 20000) -> list[socket.socket]:
+    """Every ``socket.socket`` reachable from ``root`` through instance state and containers.
+
+    Generic on purpose: py-amqp keeps one socket on its transport, redis-py one per pooled
+    client connection, other transports elsewhere. The walk follows instance ``__dict__`` and
+    ``__slots__``, lists, tuples, sets, deques and dict values; it never enters modules,
+    classes, functions or mppools' own limiter, and stops after ``budget`` objects.
+    """
+    from mppools._limiter._base import Limiter
+
+    found: list[socket.socket] = []
+    seen: set[int] = set()
+    stack: list[object] = [root]
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+            types.MethodType, Limiter, str, bytes, bytearray, int, float, memoryview)
+    while stack and len(seen) < budget:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, socket.socket):
+            found.append(obj)
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+            continue
+        if isinstance(obj, list | tuple | set | frozenset | collections.deque):
+            stack.extend(obj)
+            continue
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict):
+            stack.extend(state.values())
+        for cls in type(obj).__mro__:
+            for attr in getattr(cls, "__slots__", ()):
+                if isinstance(attr, str) and attr not in ("__dict__", "__weakref__"):
+                    value = getattr(obj, attr, None)
+                    if value is not None:
+                        stack.append(value)
+    return found
+
+
+def drop_inherited(obj: object) -> int:
+    """Make the sockets reachable from an inherited ``obj`` unusable in this child, no I/O.
+
+    Each socket object is detached and its fd copy closed with ``os.close``. That is the only
+    safe thing a child can do with a connection it shares with its parent: a protocol close
+    (AMQP ``Connection.Close``), a TLS ``close_notify`` or ``shutdown(SHUT_RDWR)`` all act on
+    the connection itself and would break the parent's, whereas closing one fd copy does not.
+    Any later close or shutdown attempted by the transport's own code then fails harmlessly
+    on a detached socket. Returns how many sockets were dropped.
+    """
+    dropped = 0
+    for sock in _walk_sockets(obj):
+        try:
+            fd = sock.detach()
+        except OSError:
+            continue
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            dropped += 1
+    return dropped

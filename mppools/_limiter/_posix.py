@@ -77,6 +77,7 @@ from mppools._slots import (
     WaiterState,
     segment_size,
 )
+from mppools._validate import check_limit
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -711,7 +712,7 @@ class PosixLimiter(Limiter):
         return report
 
     def resize(self, limit: int, *, force: bool = False) -> None:
-        _check_limit(limit)
+        check_limit(limit)
         wakes: list[bytes] = []
         excess: list[SlotRecord] = []
         with self._locked():
@@ -835,14 +836,6 @@ class PosixLimiter(Limiter):
             return f"<PosixLimiter {self.name!r} closed>"
         in_use = self._table.in_use()
         return f"<PosixLimiter {self.name!r} limit={self.limit} in_use={in_use}>"
-
-
-def _check_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise ConfigurationError(f"limit must be a positive int, not {limit!r}")
-    if limit < 1:
-        raise ConfigurationError(f"limit must be a positive int, not {limit}")
-    return limit
 
 
 def exists(name: str) -> bool:

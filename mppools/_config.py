@@ -1,0 +1,248 @@
+"""The process-wide budget: ``configure()``, ``attach()``, ``stats()``, ``close()``.
+
+One budget per process at a time. ``configure`` is called by the master before it forks;
+forked children inherit the open budget (the fork handler rebuilds its in-process locks).
+Processes that were exec'd rather than forked call ``attach(name)``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+from mppools import _fork
+from mppools._errors import (
+    ConfigurationError,
+    NotConfiguredError,
+    UnsupportedPlatformError,
+)
+from mppools._limiter._base import BudgetStats, Limiter
+from mppools._validate import check_limit, check_timeout
+
+__all__ = [
+    "DEFAULT_ACQUIRE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "attach",
+    "close",
+    "configure",
+    "current",
+    "stats",
+]
+
+logger = logging.getLogger("mppools")
+
+#: well below gunicorn's default 30 s worker timeout, so a blocked worker fails cleanly
+DEFAULT_ACQUIRE_TIMEOUT = 10.0
+#: idle pooled connections older than this are closed and their slots given back
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class _Settings:
+    name: str
+    limit: int
+    acquire_timeout: float | None
+    idle_timeout: float | None
+    capacity: int | None
+    mode: int
+
+
+_lock = threading.Lock()
+_limiter: Limiter | None = None
+_settings: _Settings | None = None
+_creator_pid: int | None = None
+
+
+def current() -> Limiter | None:
+    """The budget this process uses, or None when unconfigured (kombu.pools behaviour)."""
+    return _limiter
+
+
+def _check_platform() -> None:
+    if not sys.platform.startswith("linux"):
+        raise UnsupportedPlatformError(
+            f"mppools' shared budget needs Linux (sem_timedwait, /proc, pidfd_open); this is "
+            f"{sys.platform!r}. Unconfigured, mppools.pools still works like kombu.pools."
+        )
+
+
+def configure(
+    limit: int,
+    name: str | None = None,
+    *,
+    acquire_timeout: float | None = DEFAULT_ACQUIRE_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    capacity: int | None = None,
+    mode: int = 0o600,
+) -> Limiter:
+    """Give this process, and every process it forks from now on, one budget of ``limit``.
+
+    Call it in the master before forking (gunicorn ``on_starting``, celery before the pool
+    starts). From then on, at most ``limit`` broker connections made through mppools' pools
+    are open at once across all processes that share ``name``.
+
+    ``name`` defaults to ``"pid<master pid>"``; give an explicit name to let exec'd processes
+    :func:`attach`. If a budget of that name exists, this joins it when its creator is alive
+    and the limit matches (a gunicorn binary upgrade), or recovers it in place when its
+    creator died (leftovers of a SIGKILLed master). Calling it again with the same arguments
+    returns the same budget.
+
+    ``acquire_timeout`` (seconds, None = forever) bounds every slot wait that has no explicit
+    timeout; ``idle_timeout`` closes pooled connections idle for longer; ``capacity`` is the
+    largest limit :func:`set_limit` may grow to (default ``max(1024, limit)``); ``mode`` the
+    permission bits of the shared objects (owner-only by default).
+
+    Raises:
+        ConfigurationError: an invalid argument (nothing is created), or a budget of that name
+            exists with another limit, or this process is configured differently.
+        IncompatibleSegmentError: a segment of that name is not an mppools segment of this
+            layout version.
+        PermissionDeniedError: the shared objects belong to another user.
+        UnsupportedPlatformError: not Linux.
+    """
+    global _limiter, _settings, _creator_pid
+    check_limit(limit)
+    if name is None:
+        name = f"pid{os.getpid()}"
+    from mppools._limiter._posix import validate_name
+
+    validate_name(name)
+    acquire_timeout = check_timeout("acquire_timeout", acquire_timeout)
+    idle_timeout = check_timeout("idle_timeout", idle_timeout)
+    if capacity is not None:
+        check_limit(capacity)
+        if capacity < limit:
+            raise ConfigurationError(f"capacity {capacity} is below limit {limit}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ConfigurationError(f"mode must be permission bits like 0o600, not {mode!r}")
+    if mode & 0o600 != 0o600:
+        raise ConfigurationError(f"mode {mode:#o} must let the owner read and write")
+    _check_platform()
+    wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode)
+    with _lock:
+        if _settings is not None and _limiter is not None:
+            if _settings == wanted:
+                return _limiter
+            raise ConfigurationError(
+                f"this process already uses budget {_settings.name!r} (limit "
+                f"{_settings.limit}); call mppools.close() before configuring {name!r} "
+                f"with limit {limit}"
+            )
+        from mppools._limiter._posix import PosixLimiter
+
+        limiter = PosixLimiter.open(
+            name, create=True, limit=limit, capacity=capacity,
+            acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
+        )
+        _warn_if_pools_hold_connections()
+        _limiter, _settings = limiter, wanted
+        if limiter.is_creator():
+            _creator_pid = os.getpid()
+        return limiter
+
+
+def attach(name: str) -> Limiter:
+    """Join the existing budget ``name`` (for processes that were exec'd, not forked).
+
+    Raises:
+        NotConfiguredError: no budget of that name exists on this host.
+        IncompatibleSegmentError, PermissionDeniedError: as for :func:`configure`.
+        ConfigurationError: this process already uses another budget.
+    """
+    global _limiter, _settings
+    from mppools._limiter._posix import PosixLimiter, validate_name
+
+    validate_name(name)
+    _check_platform()
+    with _lock:
+        if _limiter is not None:
+            if _limiter.name == name:
+                return _limiter
+            raise ConfigurationError(
+                f"this process already uses budget {_limiter.name!r}; call mppools.close() "
+                f"before attaching to {name!r}"
+            )
+        limiter = PosixLimiter.open(name, create=False)
+        _limiter = limiter
+        _settings = _Settings(name, limiter.limit, limiter.acquire_timeout,
+                              limiter.idle_timeout, None, 0o600)
+        return limiter
+
+
+def stats() -> BudgetStats:
+    """A frozen snapshot of this process's budget: name, limit, in use, free, waiting, holders.
+
+    Raises:
+        NotConfiguredError: this process has no budget (call configure() or attach()).
+    """
+    limiter = _limiter
+    if limiter is None:
+        raise NotConfiguredError("mppools is not configured in this process")
+    return limiter.stats()
+
+
+def close(*, unlink: bool | None = None) -> None:
+    """Close every pool, give back this process's slots and detach from the budget.
+
+    ``unlink=None`` removes the shared objects if this process created the budget and no
+    other live process holds or waits for its slots; ``True`` insists (raising
+    BudgetInUseError while others use it), ``False`` never removes them.
+    After ``close()`` mppools behaves like kombu.pools again until the next configure().
+    """
+    global _limiter, _settings, _creator_pid
+    from mppools import pools
+
+    pools.reset()
+    with _lock:
+        limiter, _limiter, _settings = _limiter, None, None
+        creator, _creator_pid = _creator_pid, None
+    if limiter is None:
+        return
+    from mppools._keeper import keeper
+
+    keeper().stop()
+    try:
+        from mppools._errors import BudgetInUseError
+        from mppools._limiter._posix import PosixLimiter
+
+        if isinstance(limiter, PosixLimiter):
+            if unlink is True:
+                limiter.unlink(force=False)
+            elif unlink is None and creator == os.getpid():
+                with contextlib.suppress(BudgetInUseError):
+                    limiter.unlink(force=False)
+    finally:
+        limiter.close()
+
+
+def _warn_if_pools_hold_connections() -> None:
+    from mppools import pools
+
+    open_count = sum(len(getattr(p, "_dirty", ())) for p in pools._all_pools())
+    if open_count:
+        logger.warning(
+            "mppools: configure() called while %d pooled connection(s) are checked out; "
+            "connections opened before configure() are not counted", open_count,
+        )
+
+
+def _after_fork_in_child() -> None:
+    # a child never owns the segment: only the creator removes it at exit
+    global _creator_pid, _lock
+    _creator_pid = None
+    _lock = threading.Lock()
+
+
+def _at_exit() -> None:
+    if _limiter is not None and _creator_pid == os.getpid():
+        with contextlib.suppress(Exception):
+            close(unlink=None)
+
+
+_fork.on_fork_in_child(_after_fork_in_child)
+atexit.register(_at_exit)

@@ -1,0 +1,165 @@
+"""The per-process keeper: gives idle pooled connections back to the shared budget.
+
+A process that holds a slot for an idle connection may be blocked for a long time (a gunicorn
+sync worker in ``accept()``) and never call mppools again. Its keeper thread, started the
+first time the process takes a slot, listens on an abstract-namespace datagram socket named
+after the budget and the process's (pid, start time). A waiter in any process sends it a
+yield request ``(slot index, token)``; the keeper takes that connection out of its local pool
+(only if it is still idle there, decided under the pool's queue mutex), puts a fresh lazy
+placeholder in its place so the pool keeps its size, and closes the connection outside the
+mutex, which gives the slot back. The keeper also closes connections idle for longer than
+the budget's ``idle_timeout``.
+
+Abstract sockets vanish with their process, so a dead keeper leaves nothing behind. In a
+forked child the keeper thread does not exist; the child's keeper starts afresh, on its own
+address, the first time the child takes a slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from mppools import _fork
+
+if TYPE_CHECKING:
+    from mppools.pools import LimitedConnection
+
+__all__ = ["Keeper", "keeper"]
+
+logger = logging.getLogger("mppools")
+
+_REQUEST = struct.Struct("<cIQ")
+
+
+class Keeper:
+    """Tracks this process's slot-holding connections and yields idle ones on request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, weakref.ref[LimitedConnection]] = {}
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._address: bytes | None = None
+        self.yielded = 0
+        self.expired = 0
+
+    # bookkeeping ---------------------------------------------------------------------------
+    def track(self, token: int, conn: LimitedConnection, address: bytes | None) -> None:
+        """Remember that ``conn`` holds the slot ``token``; start the thread if needed."""
+        with self._lock:
+            self._held[token] = weakref.ref(conn)
+            if address is not None and (self._thread is None or self._address != address):
+                self._start_locked(address)
+
+    def untrack(self, token: int) -> None:
+        with self._lock:
+            self._held.pop(token, None)
+
+    def held(self) -> list[LimitedConnection]:
+        with self._lock:
+            refs = list(self._held.values())
+        return [c for c in (r() for r in refs) if c is not None]
+
+    # the thread ----------------------------------------------------------------------------
+    def _start_locked(self, address: bytes) -> None:
+        self._stop_locked()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(address)
+        except OSError:
+            # another object of this process already serves that address (should not
+            # happen): idle yield is then off for this process, the limit still holds
+            logger.warning("mppools: keeper could not bind its socket", exc_info=True)
+            sock.close()
+            return
+        self._sock, self._address, self._stopping = sock, address, False
+        thread = threading.Thread(target=self._run, args=(sock,), name="mppools-keeper",
+                                  daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def _stop_locked(self) -> None:
+        self._stopping = True
+        sock, self._sock, self._thread, self._address = self._sock, None, None, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def stop(self) -> None:
+        """Stop the thread (used by ``mppools.close()``)."""
+        with self._lock:
+            self._stop_locked()
+            self._held.clear()
+
+    def _run(self, sock: socket.socket) -> None:
+        while not self._stopping:
+            try:
+                sock.settimeout(self._next_sweep_in())
+                data = sock.recv(64)
+            except TimeoutError:
+                self._sweep_idle()
+                continue
+            except OSError:
+                return  # closed by stop() or after fork
+            if len(data) == _REQUEST.size and data[:1] == b"y":
+                _, _index, token = _REQUEST.unpack(data)
+                self._yield_token(token)
+
+    def _next_sweep_in(self) -> float:
+        from mppools import _config
+
+        limiter = _config.current()
+        timeout = getattr(limiter, "idle_timeout", None) if limiter is not None else None
+        if not timeout:
+            return 60.0
+        return float(max(min(timeout / 4, 60.0), 0.05))
+
+    # yielding ------------------------------------------------------------------------------
+    def _yield_token(self, token: int) -> None:
+        with self._lock:
+            ref = self._held.get(token)
+        conn = ref() if ref is not None else None
+        if conn is not None and conn._mppools_take_if_idle():
+            self.yielded += 1
+            conn._mppools_close_taken()
+
+    def _sweep_idle(self) -> None:
+        from mppools import _config
+
+        limiter = _config.current()
+        timeout = getattr(limiter, "idle_timeout", None) if limiter is not None else None
+        if not timeout:
+            return
+        now = time.monotonic()
+        for conn in self.held():
+            since = conn._mppools_idle_since
+            if since is not None and now - since >= timeout and conn._mppools_take_if_idle():
+                self.expired += 1
+                conn._mppools_close_taken()
+
+    def _after_fork_in_child(self) -> None:
+        # the parent's thread does not exist here; our copy of its socket is only an fd
+        self._lock = threading.Lock()
+        sock, self._sock, self._thread, self._address = self._sock, None, None, None
+        self._held = {}
+        self._stopping = False
+        if sock is not None:
+            sock.close()  # closes this process's fd copy only; the parent keeps its socket
+
+
+_keeper = Keeper()
+_fork.register(_keeper, priority=2)
+
+
+def keeper() -> Keeper:
+    """This process's keeper."""
+    return _keeper

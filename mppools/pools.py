@@ -1,0 +1,376 @@
+"""kombu.pools, with one budget of connections shared by every forked process.
+
+This module mirrors :mod:`kombu.pools` name for name: change ``from kombu import pools`` to
+``from mppools import pools`` (or ``kombu.pools.producers`` to ``mppools.producers``) and the
+code keeps working. Unconfigured, it behaves like kombu.pools: per-process pools with a
+per-pool limit. After :func:`mppools.configure`, every pooled connection also holds one slot
+of the shared budget for as long as it is open, idle in its pool included, taken before the
+transport connects and given back after it is closed.
+
+What differs from kombu.pools, on purpose:
+
+* ``acquire(block=True, timeout=t)`` bounds the wait for the shared slot too; a producer
+  pool's ``timeout`` also bounds getting its connection (kombu waits forever there).
+* The after-fork cleanup runs after *every* fork (``os.register_at_fork``), not only for
+  multiprocessing children, and never closes an inherited connection by protocol.
+* ``set_limit(limit, force, reset_after, ignore_errors)`` honours all its arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from itertools import chain
+from queue import LifoQueue
+from typing import Any
+
+from kombu import pools as _kombu_pools
+from kombu.connection import ConnectionPool, PooledConnection
+from kombu.messaging import Producer
+from kombu.resource import Resource
+from kombu.utils.collections import EqualityDict
+from kombu.utils.functional import lazy
+
+from mppools import _config, _fork
+from mppools._errors import ConfigurationError
+from mppools._keeper import keeper
+from mppools._limiter._base import Limiter, Slot
+
+__all__ = [
+    "Connections",
+    "LimitedConnection",
+    "LimitedConnectionPool",
+    "PoolGroup",
+    "ProducerPool",
+    "Producers",
+    "connections",
+    "disable_limit_protection",
+    "get_limit",
+    "producers",
+    "register_group",
+    "reset",
+    "set_limit",
+    "use_global_limit",
+]
+
+#: the same sentinel object as ``kombu.pools.use_global_limit``, so both work here
+use_global_limit = _kombu_pools.use_global_limit
+disable_limit_protection = _kombu_pools.disable_limit_protection
+
+_limit = [10]
+_groups: list[PoolGroup] = []
+_deadline = threading.local()
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(deadline - time.monotonic(), 0.0)
+
+
+class LimitedConnection(PooledConnection):
+    """A pooled kombu connection that holds one slot of the budget while it is open."""
+
+    _mppools_slot: Slot | None = None
+    _mppools_limiter: Limiter | None = None
+    _mppools_idle_since: float | None = None
+    _mppools_epoch: int = 0
+
+    def __init__(self, pool: LimitedConnectionPool, **kwargs: Any) -> None:
+        self._mppools_epoch = _fork.current_epoch()
+        super().__init__(pool, **kwargs)
+
+    # slot life cycle ----------------------------------------------------------------------
+    def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
+        """Hold a slot (no-op when unconfigured or already held)."""
+        if self._mppools_slot is not None:
+            return
+        limiter = _config.current()
+        if limiter is None:
+            return
+        slot = limiter.acquire(block=block, timeout=timeout)
+        self._mppools_slot, self._mppools_limiter = slot, limiter
+        keeper().track(slot.token, self, limiter.keeper_address())
+
+    def _mppools_give_back(self) -> None:
+        slot, limiter = self._mppools_slot, self._mppools_limiter
+        self._mppools_slot = self._mppools_limiter = None
+        self._mppools_idle_since = None
+        if slot is not None and limiter is not None:
+            keeper().untrack(slot.token)
+            limiter.release(slot)
+
+    def _connection_factory(self) -> Any:
+        # a connection used without going through pool.acquire() (or reconnecting after its
+        # slot was yielded) takes its slot here, before the transport connects
+        took = self._mppools_slot is None
+        self._mppools_take_slot()
+        try:
+            return super()._connection_factory()
+        except BaseException:
+            if took:
+                self._mppools_give_back()
+            raise
+
+    def _do_close_self(self) -> None:
+        try:
+            super()._do_close_self()
+        finally:
+            self._mppools_give_back()
+
+    def collect(self, socket_timeout: float | None = None) -> None:
+        try:
+            super().collect(socket_timeout)
+        finally:
+            self._mppools_give_back()
+
+    # idle yield (called by the keeper thread) -----------------------------------------------
+    def _mppools_take_if_idle(self) -> bool:
+        """Take this connection out of its pool if it sits idle there (under the queue mutex)."""
+        pool = self._pool
+        queue = pool._resource
+        with queue.mutex:
+            for i, item in enumerate(queue.queue):
+                if item is self:
+                    # keep the pool's size: a placeholder connects on demand
+                    queue.queue[i] = lazy(pool.new)
+                    return True
+        return False
+
+    def _mppools_close_taken(self) -> None:
+        """Close a connection taken out by ``_mppools_take_if_idle`` (outside any lock)."""
+        try:
+            self._close()
+        except Exception:  # a broken connection still gives its slot back
+            self._mppools_give_back()
+
+    def _mppools_drop_inherited(self) -> None:
+        """In a forked child: forget the parent's connection without any I/O."""
+        _fork.drop_inherited(self)
+        self._mppools_slot = self._mppools_limiter = None
+        self._connection = None
+        self._transport = None
+        self._default_channel = None
+
+
+class LimitedConnectionPool(ConnectionPool):
+    """kombu's ``ConnectionPool`` whose connections draw slots from the shared budget."""
+
+    # kombu's own after-fork hook (multiprocessing children only) would ``collect()`` the
+    # inherited connections, and py-amqp's collect calls ``socket.shutdown()``, which breaks
+    # the parent's connection. mppools' fork handler replaces it for every kind of fork.
+    close_after_fork = False
+
+    def __init__(self, connection: Any, limit: int | None = None, **kwargs: Any) -> None:
+        super().__init__(connection, limit=limit, **kwargs)
+        _fork.register(self)
+
+    def new(self) -> LimitedConnection:
+        return LimitedConnection(self, **dict(self.connection._info(resolve=False)))
+
+    def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
+        """Take a connection from the local pool, then a slot of the budget if it has none.
+
+        Raises:
+            LimitExceeded: the local pool (kombu's ``ConnectionLimitExceeded``) or the shared
+                budget had nothing free in time.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = super().acquire(block=block, timeout=timeout)
+        if _config.current() is None:
+            return conn
+        try:
+            if deadline is None and block:
+                conn._mppools_take_slot(block=True, timeout=None)
+            else:
+                conn._mppools_take_slot(block=block, timeout=_remaining(deadline) or 0.0)
+        except BaseException:
+            self.release(conn)
+            raise
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        if slot is not None and limiter is not None:
+            limiter.mark_busy(slot)
+        conn._mppools_idle_since = None
+        return conn
+
+    def release(self, resource: Any) -> None:
+        slot = getattr(resource, "_mppools_slot", None)
+        if slot is not None:
+            resource._mppools_idle_since = time.monotonic()
+            limiter = resource._mppools_limiter
+            if limiter is not None:
+                limiter.mark_idle(slot)
+        super().release(resource)
+
+    def _after_fork_in_child(self) -> None:
+        inherited = [*self._dirty, *self._resource.queue]
+        # fresh queue: a thread of the parent may have held the old queue's mutex at fork
+        self._resource = LifoQueue()
+        self._dirty = set()
+        for conn in inherited:
+            if isinstance(conn, LimitedConnection):
+                conn._mppools_drop_inherited()
+                _fork.bury(conn)
+        self._closed = False
+        self.setup()
+
+    def __repr__(self) -> str:
+        idle = sum(1 for c in self._resource.queue if not isinstance(c, lazy))
+        return (f"<LimitedConnectionPool {self.connection.as_uri()} limit={self.limit} "
+                f"in use={len(self._dirty)} idle={idle}>")
+
+
+class ProducerPool(_kombu_pools.ProducerPool):
+    """Pool of :class:`kombu.Producer` instances over a (limited) connection pool.
+
+    Same constructor as kombu's: ``ProducerPool(connections, *args, **kwargs)``.
+    """
+
+    Producer = Producer
+    close_after_fork = False
+
+    def __init__(self, connections: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("close_after_fork", False)
+        super().__init__(connections, *args, **kwargs)
+        _fork.register(self)
+
+    def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
+        """Take a producer; with ``timeout``, the whole call (its connection and slot
+        included) waits at most that long.
+
+        Raises:
+            LimitExceeded: nothing free in time.
+        """
+        previous = getattr(_deadline, "value", None)
+        _deadline.value = (None if timeout is None else time.monotonic() + timeout, block)
+        try:
+            return super().acquire(block=block, timeout=timeout)
+        finally:
+            _deadline.value = previous
+
+    def _acquire_connection(self) -> Any:
+        deadline, _block = getattr(_deadline, "value", None) or (None, True)
+        if deadline is None:
+            return self.connections.acquire(block=True)
+        return self.connections.acquire(block=True, timeout=_remaining(deadline))
+
+    def _after_fork_in_child(self) -> None:
+        # producers hold channels of inherited connections: forget them, no I/O (kept
+        # referenced so no finalizer of theirs runs before the sockets are detached)
+        for producer in [*self._dirty, *self._resource.queue]:
+            if not isinstance(producer, lazy):
+                _fork.drop_inherited(producer)
+                _fork.bury(producer)
+        self._resource = LifoQueue()
+        self._dirty = set()
+        self._closed = False
+        self.setup()
+
+
+class PoolGroup(EqualityDict):
+    """Collection of resource pools, keyed by connection (kombu's ``PoolGroup``)."""
+
+    def __init__(self, limit: Any = None, close_after_fork: bool = True) -> None:
+        super().__init__()
+        self.limit = limit
+        self.close_after_fork = close_after_fork
+        if close_after_fork:
+            _fork.register(self, priority=2)
+
+    def create(self, resource: Any, limit: int | None) -> Resource:
+        raise NotImplementedError("PoolGroups must define ``create``")
+
+    def __missing__(self, resource: Any) -> Resource:
+        limit = self.limit
+        if limit is use_global_limit:
+            limit = get_limit()
+        pool = self[resource] = self.create(resource, limit)
+        return pool
+
+    def _after_fork_in_child(self) -> None:
+        # the pools themselves were emptied by their own handlers; start with none
+        self.clear()
+
+
+
+def register_group(group: PoolGroup) -> PoolGroup:
+    """Register group (can be used as decorator)."""
+    _groups.append(group)
+    return group
+
+
+class Connections(PoolGroup):
+    """Collection of connection pools."""
+
+    def create(self, connection: Any, limit: int | None) -> LimitedConnectionPool:
+        return LimitedConnectionPool(connection, limit=limit)
+
+
+connections = register_group(Connections(limit=use_global_limit))
+
+
+class Producers(PoolGroup):
+    """Collection of producer pools."""
+
+    def create(self, connection: Any, limit: int | None) -> ProducerPool:
+        return ProducerPool(connections[connection], limit=limit)
+
+
+producers = register_group(Producers(limit=use_global_limit))
+
+
+def _all_pools() -> Iterator[Resource]:
+    return chain(*((g.values() if g else iter([])) for g in _groups))
+
+
+def get_limit() -> int:
+    """The pool limit: the shared budget's limit when configured, else the local one."""
+    limiter = _config.current()
+    if limiter is not None:
+        return limiter.limit
+    return _limit[0]
+
+
+def set_limit(
+    limit: int,
+    force: bool = False,
+    reset_after: bool = False,
+    ignore_errors: bool = False,
+) -> int:
+    """Set the pool limit; when configured, the shared budget's limit for every process.
+
+    Growing is immediate. Shrinking below what is in use raises ``RuntimeError``
+    (:class:`~mppools.BudgetInUseError`) unless ``force``; with ``force`` the budget stays
+    over the new limit only until holders give slots back (idle ones are asked to at once).
+    ``reset_after`` closes this process's pooled connections afterwards; ``ignore_errors``
+    lets a local pool shrink while in use.
+    """
+    if isinstance(limit, bool):
+        raise TypeError("limit must be an int, not bool")
+    limiter = _config.current()
+    if limiter is not None:
+        if limit is None or limit == 0:
+            raise ConfigurationError(
+                f"the shared budget {limiter.name!r} needs a positive limit, not {limit!r}"
+            )
+        limiter.resize(limit, force=force)
+    limit = limit or 0
+    if limit != (_limit[0] or 0) or limiter is not None:
+        _limit[0] = limit
+        for pool in _all_pools():
+            pool.resize(limit, force=force, ignore_errors=ignore_errors or limiter is not None)
+    if reset_after:
+        reset()
+    return limit
+
+
+def reset(*args: Any, **kwargs: Any) -> None:
+    """Reset all pools by closing open resources (their slots are given back)."""
+    for pool in _all_pools():
+        with contextlib.suppress(Exception):
+            pool.force_close_all()
+    for group in _groups:
+        group.clear()
+
