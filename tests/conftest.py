@@ -1,0 +1,39 @@
+"""Shared fixtures: a unique budget name per test, cleaned up in teardown."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import mppools
+from mppools._limiter import _posix
+
+
+def _remove(name: str) -> None:
+    for path in (f"/dev/shm/mppools.{name}", f"/dev/shm/sem.mppools.{name}.free"):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+@pytest.fixture
+def budget_name() -> Iterator[str]:
+    """A budget name no other test uses; the budget's shared objects are removed after."""
+    name = f"t{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    yield name
+    mppools.close(unlink=False)
+    mppools.pools.set_limit(10)
+    _remove(name)
+    assert not _posix.exists(name)
+
+
+@pytest.fixture
+def shm_clean() -> Iterator[None]:
+    """Fail a test that leaves /dev/shm objects of mppools' test names behind."""
+    before = set(os.listdir("/dev/shm"))
+    yield
+    after = set(os.listdir("/dev/shm"))
+    leaked = {n for n in after - before if "mppools." in n}
+    assert not leaked, f"leaked shared objects: {sorted(leaked)}"
