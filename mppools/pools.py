@@ -198,10 +198,14 @@ class LimitedConnectionPool(ConnectionPool):
     def release(self, resource: Any) -> None:
         slot = getattr(resource, "_mppools_slot", None)
         if slot is not None:
-            resource._mppools_idle_since = time.monotonic()
             limiter = resource._mppools_limiter
-            if limiter is not None:
-                limiter.mark_idle(slot)
+            if limiter is not None and limiter.under_pressure():
+                # someone waits (or the budget shrank): hand the slot on instead of idling
+                resource._mppools_close_taken()
+            else:
+                resource._mppools_idle_since = time.monotonic()
+                if limiter is not None:
+                    limiter.mark_idle(slot)
         super().release(resource)
 
     def _after_fork_in_child(self) -> None:

@@ -37,3 +37,21 @@ def shm_clean() -> Iterator[None]:
     after = set(os.listdir("/dev/shm"))
     leaked = {n for n in after - before if "mppools." in n}
     assert not leaked, f"leaked shared objects: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A private redis-server on a free 127.0.0.1 port for the whole session."""
+    from support.servers import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A private RabbitMQ node (own epmd, ports, data) for the whole session."""
+    from support.servers import RabbitMQServer
+
+    with RabbitMQServer(tmp_path_factory.mktemp("rabbit")) as server:
+        yield server

@@ -94,6 +94,10 @@ class Limiter(abc.ABC):
     def mark_idle(self, slot: Slot) -> None:  # noqa: B027 - optional hook
         """Note that the connection holding ``slot`` sits idle in a local pool (cheap)."""
 
+    def under_pressure(self) -> bool:
+        """True if someone waits for a slot or the budget is over its limit (cheap read)."""
+        return False
+
     def mark_busy(self, slot: Slot) -> None:  # noqa: B027 - optional hook
         """Note that the connection holding ``slot`` is in use (cheap)."""
 

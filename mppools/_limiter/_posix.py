@@ -98,6 +98,9 @@ SLICE = 0.1
 MAX_WATCHED = 64
 YIELD_REQUEST = struct.Struct("<cIQ")
 _SHM_DIR = "/dev/shm"
+# byte offsets of header fields read without the mutex (see mppools._slots.HEADER)
+_LIMIT_AT = 32
+_FLAGS_AT = 40
 
 
 def validate_name(name: object) -> str:
@@ -366,12 +369,30 @@ class PosixLimiter(Limiter):
             try:
                 yield
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+                try:
+                    self._update_pressure_locked()
+                finally:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+
+    def _update_pressure_locked(self) -> None:
+        """Publish one flag a releasing process can read without the lock: someone waits, or
+        the budget is over its limit (after a forced shrink). Pools then close a connection
+        they would have kept idle, and give its slot back at once."""
+        table = self._table
+        limit = int(struct.unpack_from("<I", self._view, _LIMIT_AT)[0])
+        waiting = table.waiter_capacity - table.waiter_states().count(0)
+        pressure = 1 if waiting or table.in_use() > limit else 0
+        if self._view[_FLAGS_AT] != pressure:
+            self._view[_FLAGS_AT] = pressure
+
+    def under_pressure(self) -> bool:
+        """True if a slot given back now would be used at once (a memory read, no lock)."""
+        return not self._closed and self._view[_FLAGS_AT] != 0
 
     # header fields ---------------------------------------------------------------------------
     @property
     def limit(self) -> int:
-        return int(struct.unpack_from("<I", self._view, 32)[0])
+        return int(struct.unpack_from("<I", self._view, _LIMIT_AT)[0])
 
     @property
     def acquire_timeout(self) -> float | None:
