@@ -37,6 +37,7 @@ from mppools import _config, _fork
 from mppools._errors import ConfigurationError
 from mppools._keeper import keeper
 from mppools._limiter._base import Limiter, Slot
+from mppools._transports import transport_for
 
 __all__ = [
     "Connections",
@@ -168,7 +169,11 @@ class LimitedConnectionPool(ConnectionPool):
         _fork.register(self)
 
     def new(self) -> LimitedConnection:
-        return LimitedConnection(self, **dict(self.connection._info(resolve=False)))
+        info = dict(self.connection._info(resolve=False))
+        transport = transport_for(self.connection) if _config.current() is not None else None
+        if transport is not None:
+            info["transport"] = transport
+        return LimitedConnection(self, **info)
 
     def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
         """Take a connection from the local pool, then a slot of the budget if it has none.

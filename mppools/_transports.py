@@ -1,0 +1,58 @@
+"""Transport adjustments that make one pooled kombu connection one broker connection.
+
+mppools counts one slot per pooled kombu connection, and the promise is about what the
+broker counts. For py-amqp that is the same thing: one kombu connection, one TCP
+connection. kombu's redis transport, however, gives every channel TWO redis-py client pools:
+an "async" one (used by the ``PING`` at channel creation, ``BRPOP`` and pub/sub) and a
+synchronous one (used to publish). A publisher therefore holds two TCP connections per kombu
+connection, and a budget of L would let the broker see 2 x L clients. The redis channel used
+for pooled connections keeps a single client pool for both roles: a publishing connection is
+then one TCP connection (a consumer blocked in BRPOP while the same channel publishes would
+still need a second one, as with any redis client).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["transport_for"]
+
+_REDIS_ALIASES = ("redis", "rediss")
+_cache: dict[str, Any] = {}
+
+
+def _one_pool_redis_transport() -> Any:
+    if "redis" in _cache:
+        return _cache["redis"]
+    from kombu.transport import redis as kredis
+
+    class OnePoolChannel(kredis.Channel):  # type: ignore[misc,name-defined]
+        """A redis channel whose sync and async client pools are one and the same."""
+
+        def _get_pool(self, asynchronous: bool = False) -> Any:
+            shared = self.__dict__.get("_mppools_pool")
+            if shared is None:
+                shared = super()._get_pool(asynchronous=True)
+                self.__dict__["_mppools_pool"] = shared
+            return shared
+
+        def _disconnect_pools(self) -> None:
+            super()._disconnect_pools()
+            self.__dict__.pop("_mppools_pool", None)
+
+    class OnePoolTransport(kredis.Transport):  # type: ignore[misc,name-defined]
+        Channel = OnePoolChannel
+
+    _cache["redis"] = OnePoolTransport
+    return OnePoolTransport
+
+
+def transport_for(connection: Any) -> Any | None:
+    """The transport class to use for a pooled copy of ``connection`` (None: unchanged)."""
+    alias = connection.transport_cls
+    if isinstance(alias, str) and alias in _REDIS_ALIASES:
+        try:
+            return _one_pool_redis_transport()
+        except ImportError:  # redis-py not installed: kombu will say so when connecting
+            return None
+    return None

@@ -1,0 +1,173 @@
+"""Against real brokers: fork safety of pooled connections and the broker-side count."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import kombu.pools
+import pytest
+from kombu import Connection, Exchange, Queue
+
+import mppools
+from mppools import pools
+
+from forkutil import Worker, run_in_child
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _publish(conn_url: str, body: dict[str, Any], *, queue: str, timeout: float = 5) -> None:
+    with pools.producers[Connection(conn_url)].acquire(block=True, timeout=timeout) as p:
+        p.publish(body, routing_key=queue, declare=[Queue(queue, Exchange(queue), routing_key=queue)],
+                  exchange=Exchange(queue), retry=False)
+
+
+def _count(url: str, queue: str) -> int:
+    with Connection(url) as c:
+        q = Queue(queue, Exchange(queue), routing_key=queue)(c.default_channel)
+        q.declare()
+        return int(q.queue_declare(passive=True).message_count)
+
+
+def _sock_of(conn: Any) -> socket.socket:
+    from mppools._fork import _walk_sockets
+
+    socks = _walk_sockets(conn)
+    assert socks, "no socket found on the pooled connection"
+    return socks[0]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing", "billiard"])
+def test_parent_connection_survives_child_redis(redis_server: Any, budget_name: str,
+                                                how: str) -> None:
+    _parent_survives(redis_server.url, budget_name, how)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing", "billiard"])
+def test_parent_connection_survives_child_amqp(rabbitmq_server: Any, budget_name: str,
+                                               how: str) -> None:
+    _parent_survives(rabbitmq_server.url, budget_name, how)
+
+
+def _child_body(url: str, queue: str) -> None:
+    # the child uses mppools normally, resets, collects garbage, and exits
+    import gc
+
+    _publish(url, {"from": "child"}, queue=queue)
+    mppools.reset()
+    gc.collect()
+
+
+def _parent_survives(url: str, name: str, how: str) -> None:
+    mppools.configure(limit=3, name=name, idle_timeout=None)
+    queue = f"q-{name}-{how}"
+    _publish(url, {"from": "parent", "n": 1}, queue=queue)
+    conn = pools.connections[Connection(url)].acquire(block=True)
+    parent_sock = _sock_of(conn)
+    conn.release()
+    if how == "os.fork":
+        run_in_child(lambda: _child_body(url, queue))
+    else:
+        if how == "multiprocessing":
+            ctx: Any = multiprocessing.get_context("fork")
+        else:
+            import billiard
+
+            ctx = billiard.get_context("fork")
+        p = ctx.Process(target=_child_body, args=(url, queue))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+    # the same pooled connection (same socket, no reconnect) still publishes
+    conn = pools.connections[Connection(url)].acquire(block=True)
+    assert _sock_of(conn) is parent_sock and parent_sock.fileno() >= 0
+    conn.release()
+    _publish(url, {"from": "parent", "n": 2}, queue=queue)
+    assert _count(url, queue) == 3
+
+
+@pytest.mark.rabbitmq
+def test_kombu_pools_breaks_the_parent_after_a_multiprocessing_fork(
+    rabbitmq_server: Any,
+) -> None:
+    """The trap itself: kombu's after-fork collect() shuts the parent's socket down.
+
+    Proof that the survival test above can fail: with plain kombu.pools, the same scenario
+    leaves the parent with a dead connection.
+    """
+    url = rabbitmq_server.url
+    queue = f"q-kombu-{os.getpid()}"
+    conn = Connection(url)
+    with kombu.pools.producers[conn].acquire(block=True) as p:
+        p.publish({"n": 1}, routing_key=queue, declare=[Queue(queue, Exchange(queue), routing_key=queue)],
+                  exchange=Exchange(queue))
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=lambda: None)
+    child.start()
+    child.join(30)
+    broken = False
+    try:
+        with kombu.pools.producers[conn].acquire(block=True) as p:
+            # the pooled connection was collected in the child: publishing needs a new one
+            p.publish({"n": 2}, routing_key=queue, exchange=Exchange(queue), retry=False)
+    except Exception:
+        broken = True
+    pooled = kombu.pools.connections[conn]
+    pool_reconnected = any(
+        getattr(c, "_connection", None) is None for c in list(pooled._resource.queue)
+        if not callable(c) or hasattr(c, "_connection")
+    )
+    kombu.pools.reset()
+    assert broken or pool_reconnected
+
+
+@pytest.mark.redis
+def test_redis_client_count_never_exceeds_the_limit(redis_server: Any, budget_name: str,
+                                                    tmp_path: Any) -> None:
+    from support.proxy import CountingProxy
+
+    limit = 3
+    mppools.configure(limit=limit, name=budget_name, acquire_timeout=20, idle_timeout=None)
+    with CountingProxy(("127.0.0.1", redis_server.port)) as proxy:
+        url = proxy.url_for(redis_server.url)
+        queue = f"q-{budget_name}"
+
+        def publish_many(n: int) -> int:
+            for i in range(n):
+                _publish(url, {"i": i, "pid": os.getpid()}, queue=queue, timeout=20)
+                if i % 10 == 0:
+                    mppools.reset()  # churn: close and reopen connections
+            return n
+
+        workers = [Worker({"publish": publish_many}) for _ in range(8)]
+        peak_sampled = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak_sampled[0] = max(peak_sampled[0], redis_server.client_count())
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            for w in workers:
+                w.send("publish", 60)
+            sent = sum(w.answer(timeout=90) for w in workers)
+        finally:
+            stop.set()
+            sampler.join(10)
+            for w in workers:
+                w.stop()
+        assert sent == 480
+        assert proxy.total_accepted > limit  # the connections did churn
+        assert proxy.peak <= limit, proxy.history
+        assert peak_sampled[0] <= limit
+        assert _count(redis_server.url, queue) == 480
