@@ -26,7 +26,7 @@ def _one_pool_redis_transport() -> Any:
         return _cache["redis"]
     from kombu.transport import redis as kredis
 
-    class OnePoolChannel(kredis.Channel):  # type: ignore[misc,name-defined]
+    class OnePoolChannel(kredis.Channel):
         """A redis channel whose sync and async client pools are one and the same."""
 
         def _get_pool(self, asynchronous: bool = False) -> Any:
@@ -40,7 +40,7 @@ def _one_pool_redis_transport() -> Any:
             super()._disconnect_pools()
             self.__dict__.pop("_mppools_pool", None)
 
-    class OnePoolTransport(kredis.Transport):  # type: ignore[misc,name-defined]
+    class OnePoolTransport(kredis.Transport):
         Channel = OnePoolChannel
 
     _cache["redis"] = OnePoolTransport

@@ -139,7 +139,7 @@ def _serve(handlers: dict[str, Callable[..., Any]], rfd: int, wfd: int) -> None:
             return
         try:
             result = ("ok", handlers[command](*args))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         _send(wfd, result)
 
@@ -154,7 +154,7 @@ def run_in_child(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
             os.close(r)
             try:
                 _send(w, ("ok", fn()))
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            except BaseException as exc:
                 _send(w, ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         finally:
             os._exit(code)

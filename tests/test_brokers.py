@@ -11,20 +11,19 @@ from typing import Any
 
 import kombu.pools
 import pytest
+from forkutil import Worker, run_in_child
 from kombu import Connection, Exchange, Queue
 
 import mppools
 from mppools import pools
-
-from forkutil import Worker, run_in_child
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _publish(conn_url: str, body: dict[str, Any], *, queue: str, timeout: float = 5) -> None:
     with pools.producers[Connection(conn_url)].acquire(block=True, timeout=timeout) as p:
-        p.publish(body, routing_key=queue, declare=[Queue(queue, Exchange(queue), routing_key=queue)],
-                  exchange=Exchange(queue), retry=False)
+        p.publish(body, routing_key=queue, exchange=Exchange(queue), retry=False,
+                  declare=[Queue(queue, Exchange(queue), routing_key=queue)])
 
 
 def _count(url: str, queue: str) -> int:
@@ -106,8 +105,8 @@ def test_kombu_pools_breaks_the_parent_after_a_multiprocessing_fork(
     queue = f"q-kombu-{os.getpid()}"
     conn = Connection(url)
     with kombu.pools.producers[conn].acquire(block=True) as p:
-        p.publish({"n": 1}, routing_key=queue, declare=[Queue(queue, Exchange(queue), routing_key=queue)],
-                  exchange=Exchange(queue))
+        p.publish({"n": 1}, routing_key=queue, exchange=Exchange(queue),
+                  declare=[Queue(queue, Exchange(queue), routing_key=queue)])
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(target=lambda: None)
     child.start()

@@ -10,13 +10,12 @@ import threading
 import time
 
 import pytest
+from forkutil import run_in_child
 from kombu import Connection
 
 import mppools
 from mppools import _fork, pools
 from mppools._fork import drop_inherited
-
-from forkutil import run_in_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,7 +166,7 @@ def test_multiprocessing_and_billiard_children(budget_name: str, flavour: str) -
     q = ctx.Queue()
     p = ctx.Process(target=_mp_child, args=(q, budget_name))
     p.start()
-    pid, holders, in_use = q.get(timeout=20)
+    _pid, holders, in_use = q.get(timeout=20)
     p.join(20)
     assert holders == [os.getpid()]
     assert in_use == 2  # the parent's idle slot and the child's own

@@ -10,6 +10,7 @@ import time
 
 import posix_ipc
 import pytest
+from forkutil import Worker, run_in_child
 from kombu.exceptions import ConnectionLimitExceeded
 
 import mppools
@@ -25,8 +26,6 @@ from mppools._errors import (
 )
 from mppools._limiter._posix import PosixLimiter
 from mppools._slots import SlotState
-
-from forkutil import Worker, run_in_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,7 +55,7 @@ def test_limit_holds_and_errors_name_the_holders(budget_name: str) -> None:
     assert isinstance(err, ConnectionLimitExceeded)
     assert isinstance(err, MppoolsError)
     assert isinstance(err, TimeoutError)
-    assert f"limit 2" in str(err) and f"pid {os.getpid()} (2)" in str(err)
+    assert "limit 2" in str(err) and f"pid {os.getpid()} (2)" in str(err)
     assert "at once" in str(err)
     started = time.monotonic()
     with pytest.raises(LimitExceeded, match=r"after 0\.\d\d s"):
@@ -275,7 +274,7 @@ def test_signal_handler_exception_reaches_caller_unchanged(budget_name: str) -> 
             limiter.acquire(timeout=5)
         except Soft as exc:
             result = f"Soft:{exc}"
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             result = f"wrong:{type(exc).__name__}"
         else:
             result = "acquired"
@@ -453,8 +452,8 @@ def test_attach_from_an_unrelated_process(budget_name: str) -> None:
     limiter = mppools.configure(limit=2, name=budget_name)
     slot = limiter.acquire()
     code = (
-        "import mppools; lim = mppools.attach(%r); s = lim.acquire(timeout=1);"
-        "print(mppools.stats().in_use); lim.release(s)" % budget_name
+        f"import mppools; lim = mppools.attach({budget_name!r}); s = lim.acquire(timeout=1);"
+        "print(mppools.stats().in_use); lim.release(s)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, check=True)
@@ -467,8 +466,8 @@ def test_sigkilled_master_leftovers_are_recovered(budget_name: str) -> None:
     import sys
 
     code = (
-        "import mppools, os, sys; lim = mppools.configure(limit=2, name=%r);"
-        "lim.acquire(); print('ready', flush=True); sys.stdin.read()" % budget_name
+        f"import mppools, os, sys; lim = mppools.configure(limit=2, name={budget_name!r});"
+        "lim.acquire(); print('ready', flush=True); sys.stdin.read()"
     )
     master = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)

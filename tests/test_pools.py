@@ -8,14 +8,13 @@ import time
 
 import kombu.pools
 import pytest
+from forkutil import Worker
 from kombu import Connection
 from kombu.exceptions import ConnectionLimitExceeded
 
 import mppools
 from mppools import pools
 from mppools._errors import BudgetInUseError, LimitExceeded
-
-from forkutil import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,7 +125,7 @@ def test_many_threads_share_the_budget(budget_name: str) -> None:
                     producer.publish({"i": i}, routing_key="threads")
                     with lock:
                         active[0] -= 1
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(8)]

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import pytest
+from forkutil import Worker
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -23,8 +24,6 @@ from kombu import Connection
 import mppools
 from mppools import pools
 from mppools._errors import LimitExceeded
-
-from forkutil import Worker
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,0 +1,84 @@
+"""Smoke test of ``python -m stress bench --quick``: the machinery runs and the JSON holds
+every figure with numeric values. No timing assertion: this is a benchmark, not a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: figure keys that must be present with numeric mppools / baseline / ratio values
+REQUIRED = [
+    "warm_memory",
+    "slot",
+    "slot_ref_multiprocessing",
+    "reclaim",
+    "idle_yield",
+    "footprint_slot_bytes",
+    "footprint_segment_bytes",
+    "footprint_threads",
+    "footprint_rss",
+]
+REDIS_ONLY = ["warm_redis", "slot_ref_redis", "e2e_redis_L8", "e2e_redis_L4", "e2e_redis_L2"]
+CONTENTION_PREFIXES = ["contention_throughput_", "contention_fairness_",
+                       "contention_flatness_"]
+
+
+def _numeric(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stress", "bench", "--quick", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| figure | mppools | baseline (name) | ratio | target | met? |" in proc.stdout
+    result = json.loads(out.read_text())
+    figures = result["figures"]
+    required = list(REQUIRED)
+    if shutil.which("redis-server"):
+        required += REDIS_ONLY
+    for key in required:
+        assert key in figures, f"missing figure {key}"
+        row = figures[key]
+        for field in ("mppools", "baseline", "ratio"):
+            assert _numeric(row[field]), f"{key}.{field} = {row[field]!r}"
+        assert row["baseline_name"]
+    for prefix in CONTENTION_PREFIXES:
+        rows = [v for k, v in figures.items() if k.startswith(prefix)]
+        assert rows, f"no {prefix}* figure"
+        for row in rows:
+            assert _numeric(row["mppools"]) and _numeric(row["baseline"])
+    assert result["contention"], "no contention detail"
+    for row in figures.values():
+        # optional reference rows: numbers, or explicitly skipped
+        assert _numeric(row["mppools"]) or row["note"] == "skipped: not installed"
+    assert result["meta"]["mode"] == "quick"
+
+
+def test_chaos_dispatch_is_lazy() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "stress", "nonsense"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    if not (ROOT / "stress" / "chaos.py").exists():
+        proc = subprocess.run([sys.executable, "-m", "stress", "chaos"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 2
+        assert "chaos" in proc.stderr
