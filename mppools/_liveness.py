@@ -7,8 +7,9 @@ clock and shifts when the clock is stepped (giampaolo/psutil#2526, #1724), which
 live holder look like a reused pid, so it is only the fallback where ``/proc`` cannot be read.
 
 A process killed but not yet reaped by its parent is a zombie: ``kill(pid, 0)`` and
-``psutil.pid_exists()`` still say it exists. Its sockets are already closed by the kernel, so
-a zombie counts as dead here.
+``psutil.pid_exists()`` still say it exists. Once all its threads have exited its sockets are
+closed by the kernel, so a zombie counts as dead here; but only once a pidfd of it polls
+readable, because the main thread shows ``Z`` while other threads are still tearing down.
 
 All processes that share one budget must share one pid namespace (one host, or one
 container); a pid from another namespace would be taken for a dead process.
@@ -17,6 +18,7 @@ container); a pid from another namespace would be taken for a dead process.
 from __future__ import annotations
 
 import os
+import select
 from typing import NamedTuple
 
 import psutil
@@ -60,10 +62,43 @@ def _read_stat_psutil(pid: int) -> tuple[str, int] | None:
     return state, int(created * 1000)
 
 
+def _exited(pid: int) -> bool:
+    """For a pid whose main thread is a zombie: has the whole process exited?
+
+    The main thread of a SIGKILLed process shows ``Z`` as soon as it is gone, while its other
+    threads (mppools' keeper, say) may still be exiting and its sockets are still open for
+    milliseconds. A pidfd becomes readable only once the whole thread group has exited,
+    which is when the kernel has closed its files.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd (old kernel): fall back to the thread list
+        try:
+            return len(os.listdir(f"/proc/{pid}/task")) <= 1
+        except OSError:
+            return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    finally:
+        os.close(fd)
+
+
+def _dead_state(pid: int, state: str) -> bool:
+    if state in ("X", "x"):
+        return True
+    if state == "Z":
+        return _exited(pid)
+    return False
+
+
 def identity_of(pid: int) -> Identity | None:
     """The identity of a running ``pid``, or None if no such (live) process exists."""
     stat = _read_stat(pid)
-    if stat is None or stat[0] in ("Z", "X", "x"):
+    if stat is None or _dead_state(pid, stat[0]):
         return None
     return Identity(pid, stat[1])
 
@@ -92,7 +127,7 @@ def is_alive(pid: int, start: int) -> bool:
     if stat is None:
         return False
     state, ticks = stat
-    return state not in ("Z", "X", "x") and ticks == start
+    return ticks == start and not _dead_state(pid, state)
 
 
 def _reset_after_fork() -> None:

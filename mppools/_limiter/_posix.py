@@ -241,6 +241,13 @@ class PosixLimiter(Limiter):
         try:
             size = os.fstat(shm.fd).st_size
             initialized = False
+            if 0 < size < HEADER_SIZE:
+                with open(f"{_SHM_DIR}{_shm_name(name)}", "rb") as f:
+                    if f.read(size).strip(b"\0"):
+                        raise IncompatibleSegmentError(
+                            f"{_SHM_DIR}{_shm_name(name)} is not an mppools segment "
+                            f"({size} bytes); remove it with `mppools unlink {name} --force`"
+                        )
             if size >= HEADER_SIZE:
                 with mmap.mmap(shm.fd, HEADER_SIZE) as head:
                     magic = bytes(head[: len(MAGIC)])
@@ -875,9 +882,11 @@ def list_budgets() -> list[str]:
     for entry in entries:
         if entry.startswith("mppools.") and not entry.startswith("sem."):
             name = entry[len("mppools."):]
-            if NAME_PATTERN.match(name) and stat.S_ISREG(
-                os.stat(os.path.join(_SHM_DIR, entry)).st_mode
-            ):
+            try:
+                regular = stat.S_ISREG(os.stat(os.path.join(_SHM_DIR, entry)).st_mode)
+            except FileNotFoundError:  # removed since listdir()
+                continue
+            if NAME_PATTERN.match(name) and regular:
                 names.append(name)
     return sorted(names)
 

@@ -14,10 +14,12 @@ import ctypes
 import mmap
 import os
 import random
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,7 +70,9 @@ class _Kill:
     pid: int
     slots: int
     latency: float
-    by_audit: bool
+    #: "reclaimed" (by a waiter's audit), "audit" (the master's), "released" (not timed)
+    outcome: str
+    exited: float | None = None  # SIGKILL -> the process is gone (pidfd readable)
     replacement: int = 0
 
 
@@ -131,6 +135,38 @@ class _Counters:
         self._cells.release()
         with contextlib.suppress(BufferError):
             self._map.close()
+
+
+class _ExitWatcher:
+    """Times a process's death from its pidfd, in a thread (joined before any fork)."""
+
+    def __init__(self, pid: int) -> None:
+        self._died: float | None = None
+        try:
+            self._fd: int | None = os.pidfd_open(pid)
+        except OSError:
+            self._fd = None
+            self._thread: threading.Thread | None = None
+            return
+        self._thread = threading.Thread(target=self._watch, name="mppools-demo-exit",
+                                        daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        assert self._fd is not None
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        if poller.poll(RECLAIM_BOUND * 2000):
+            self._died = time.monotonic()
+
+    def join(self, since: float) -> float | None:
+        """Seconds from ``since`` to the death (None if not seen); closes the pidfd."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        return None if self._died is None else max(self._died - since, 0.0)
 
 
 def _die_with_parent() -> None:
@@ -350,35 +386,50 @@ class _Demo:
         if not self.tty:
             print(f"[{stamp}] {text}", file=self.out, flush=True)
 
-    def kill_one(self, stats: BudgetStats) -> bool:
+    def kill_one(self) -> bool:
         """SIGKILL a random worker that holds a slot; time its slot's return; replace it."""
+        stats = self.sample()
         candidates = [h for h in stats.holders if h.alive and h.pid in self.seats]
         if not candidates:
             return False
+        # an idle holder may be asked to yield its slot any moment: prefer a busy one
+        candidates = [h for h in candidates if h.busy] or candidates
         victim = self.rng.choice(candidates)
+        reclaimed_before = stats.reclaimed_total
+        watcher = _ExitWatcher(victim.pid)
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        by_audit = False
+        outcome = "reclaimed"
         while True:
             stats = self.sample()
             if all(h.pid != victim.pid for h in stats.holders):
                 latency = time.monotonic() - killed_at
+                if stats.reclaimed_total == reclaimed_before:
+                    # no audit ran: it gave its slot back itself just before the kill
+                    outcome = "released"
                 break
             if time.monotonic() - killed_at > RECLAIM_BOUND:
                 mppools.audit()  # nobody waits, so nobody audited: do it ourselves
                 latency = time.monotonic() - killed_at
-                by_audit = True
+                outcome = "audit"
                 break
             time.sleep(0.0002)
+        exited = watcher.join(killed_at)  # no thread may run across the fork below
         seat = self.seats.pop(victim.pid)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(victim.pid, 0)
-        kill = _Kill(victim.pid, victim.slots, latency, by_audit)
+        kill = _Kill(victim.pid, victim.slots, latency, outcome, exited)
         kill.replacement = self._fork(seat)
         self.state.kills.append(kill)
-        how = "after our audit" if by_audit else "back"
-        self.event(f"SIGKILL pid {victim.pid} holding {victim.slots} slot(s): slot {how} in "
-                   f"{latency * 1000:.1f} ms; replaced by pid {kill.replacement}")
+        gone = "" if exited is None else f" (process gone after {exited * 1000:.1f} ms)"
+        if outcome == "reclaimed":
+            what = f"slot back in {latency * 1000:.1f} ms{gone}"
+        elif outcome == "audit":
+            what = f"nobody waited: reclaimed by the master's audit after {latency:.2f} s"
+        else:
+            what = "it had just given its slot back (not timed)"
+        self.event(f"SIGKILL pid {victim.pid} holding {victim.slots} slot(s): {what}; "
+                   f"replaced by pid {kill.replacement}")
         return True
 
     def probe_broker(self) -> None:
@@ -398,10 +449,10 @@ class _Demo:
             now = time.monotonic()
             if now >= end:
                 break
-            stats = self.sample()
+            self.sample()
             self.reap_crashed()
             if now >= next_kill:
-                if self.kill_one(stats):
+                if self.kill_one():
                     next_kill += self.o.kill_every
                     next_kill = max(next_kill, time.monotonic())
                 else:
@@ -416,7 +467,7 @@ class _Demo:
 
     # output ----------------------------------------------------------------------------------
     def _latencies(self) -> list[float]:
-        return [k.latency for k in self.state.kills]
+        return [k.latency for k in self.state.kills if k.outcome == "reclaimed"]
 
     def render(self) -> None:
         stats = self.state.last
@@ -483,7 +534,8 @@ class _Demo:
         ok = st.peak <= self.o.limit
         verdict = (f"peak {st.peak} {le} limit {self.o.limit}   OK" if ok else
                    f"peak {st.peak} > limit {self.o.limit}   LIMIT EXCEEDED")
-        audited = sum(1 for k in st.kills if k.by_audit)
+        audited = sum(1 for k in st.kills if k.outcome == "audit")
+        released = sum(1 for k in st.kills if k.outcome == "released")
         lines = [
             "",
             f"mppools demo summary — budget {self.name!r}, {elapsed:.1f}s, "
@@ -492,8 +544,10 @@ class _Demo:
             f"  messages published  {published} ({published / elapsed:.0f}/s)",
             f"  slots in use        {verdict}   ({st.samples} samples)",
             f"  kills               {len(st.kills)}"
-            + (f" ({audited} reclaimed by the master's audit: nobody was waiting)"
+            + (f", {audited} reclaimed by the master's audit (nobody was waiting)"
                if audited else "")
+            + (f", {released} had just given their slot back (not timed)"
+               if released else "")
             + (f", {st.crashed} worker(s) died on their own" if st.crashed else ""),
         ]
         if lat:
@@ -502,14 +556,25 @@ class _Demo:
                 f"p99 {percentile(lat, 99) * 1000:.1f} ms   max {max(lat) * 1000:.1f} ms   "
                 "(SIGKILL -> slot free or handed over)"
             )
+            exits = [k.exited for k in st.kills if k.exited is not None
+                     and k.outcome == "reclaimed"]
+            if exits:
+                lines.append(
+                    f"  process exit        p50 {percentile(exits, 50) * 1000:.1f} ms   "
+                    f"p99 {percentile(exits, 99) * 1000:.1f} ms   (SIGKILL -> pid gone, "
+                    "the kernel's share of the latency)"
+                )
         lines.append(
             f"  acquire timeouts    {self.counters.total(_TIMEOUTS)}   errors "
             f"{self.counters.total(_ERRORS)}   slow acquires (>{SLOW * 1000:.0f}ms) "
             f"{self.counters.total(_SLOW)}"
         )
         if self.probe.enabled and st.broker_peak is not None:
-            lines.append(f"  broker connections  peak {st.broker_peak} "
-                         f"({st.broker_baseline} before the workers)")
+            base = st.broker_baseline or 0
+            seen = st.broker_peak - base
+            mark = f"{le} limit" if seen <= self.o.limit else "> limit (other clients?)"
+            lines.append(f"  broker connections  peak {seen} {mark} {self.o.limit}   "
+                         f"(CLIENT LIST every {REFRESH:g}s, {base} before the workers)")
         error = self.counters.last_error()
         if error:
             lines.append(f"  last worker error   {error}")

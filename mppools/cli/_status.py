@@ -198,7 +198,9 @@ def run_status(
     tty = out.isatty()
     width = shutil.get_terminal_size((100, 24)).columns if tty else 120
     if watch is None:
-        print(_render(name, as_json=as_json, prometheus=prometheus, width=width), file=out)
+        text = _render(name, as_json=as_json, prometheus=prometheus, width=width)
+        if text:
+            print(text, file=out)
         return EXIT_OK
     count = 0
     try:
