@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = [
     "warm_memory",
     "slot",
-    "slot_ref_multiprocessing",
+    "slot_ref_multiprocessing_boundedsemaphore",
+    "slot_ref_fcntl_lockf",
     "reclaim",
     "idle_yield",
     "footprint_slot_bytes",

@@ -25,7 +25,7 @@ def test_killed_process_is_dead_only_when_its_socket_is_closed() -> None:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover
-            c = socket.create_connection(srv.getsockname())
+            conn = socket.create_connection(srv.getsockname())  # noqa: F841 - kept open
             threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
             os.write(w, b"x")
             time.sleep(60)
