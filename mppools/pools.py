@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from itertools import chain
 from queue import LifoQueue
@@ -78,6 +79,7 @@ class LimitedConnection(PooledConnection):
     _mppools_limiter: Limiter | None = None
     _mppools_idle_since: float | None = None
     _mppools_epoch: int = 0
+    _mppools_finalizer: weakref.finalize[Any, Any] | None = None
 
     def __init__(self, pool: LimitedConnectionPool, **kwargs: Any) -> None:
         self._mppools_epoch = _fork.current_epoch()
@@ -93,12 +95,18 @@ class LimitedConnection(PooledConnection):
             return
         slot = limiter.acquire(block=block, timeout=timeout)
         self._mppools_slot, self._mppools_limiter = slot, limiter
+        # a connection dropped without being closed (a pool group cleared by hand, say)
+        # closes its socket when collected: its slot goes back then too
+        self._mppools_finalizer = weakref.finalize(self, limiter.release, slot)
         keeper().track(slot.token, self, limiter.keeper_address())
 
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
         self._mppools_slot = self._mppools_limiter = None
         self._mppools_idle_since = None
+        if self._mppools_finalizer is not None:
+            self._mppools_finalizer.detach()
+            self._mppools_finalizer = None
         if slot is not None and limiter is not None:
             keeper().untrack(slot.token)
             limiter.release(slot)
@@ -150,6 +158,9 @@ class LimitedConnection(PooledConnection):
     def _mppools_drop_inherited(self) -> None:
         """In a forked child: forget the parent's connection without any I/O."""
         _fork.drop_inherited(self)
+        if self._mppools_finalizer is not None:
+            self._mppools_finalizer.detach()  # the parent's slot: never ours to release
+            self._mppools_finalizer = None
         self._mppools_slot = self._mppools_limiter = None
         self._connection = None
         self._transport = None

@@ -544,3 +544,31 @@ def test_semaphore_is_the_free_count(budget_name: str) -> None:
         assert sem.value == 3
     finally:
         sem.close()
+
+
+def test_waits_use_the_monotonic_clock(budget_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """posix_ipc's timed waits follow the wall clock; ours never do."""
+    limiter = mppools.configure(limit=1, name=budget_name)
+    slot = limiter.acquire()
+    jumps = iter([0.0, 1e6, -1e6] * 1000)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + next(jumps))
+    started = time.monotonic()
+    with pytest.raises(LimitExceeded):
+        limiter.acquire(timeout=0.3)
+    waited = time.monotonic() - started
+    assert 0.3 <= waited < 5
+    monkeypatch.undo()
+    limiter.release(slot)
+
+
+def test_other_platforms_are_refused_clearly(monkeypatch: pytest.MonkeyPatch,
+                                            budget_name: str) -> None:
+    import sys
+
+    from mppools._errors import UnsupportedPlatformError
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(UnsupportedPlatformError, match="needs Linux"):
+        mppools.configure(limit=2, name=budget_name)
+    assert not os.path.exists(f"/dev/shm/mppools.{budget_name}")

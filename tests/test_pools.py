@@ -242,3 +242,17 @@ def test_idle_timeout_closes_old_idle_connections(budget_name: str) -> None:
     with mppools.producers[Connection("memory://")].acquire(block=True, timeout=2) as p:
         p.publish({"a": 1}, routing_key="q")
     assert os.getpid() in [h.pid for h in mppools.stats().holders]
+
+
+def test_a_dropped_connection_gives_its_slot_back_when_collected(budget_name: str) -> None:
+    import gc
+
+    mppools.configure(limit=2, name=budget_name, idle_timeout=None)
+    c = mppools.connections[Connection("memory://")].acquire(block=True)
+    c.connect()
+    c.release()
+    assert mppools.stats().in_use == 1
+    pools.connections.clear()  # by hand, without closing anything
+    del c
+    gc.collect()
+    assert mppools.stats().in_use == 0

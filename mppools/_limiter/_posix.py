@@ -298,8 +298,7 @@ class PosixLimiter(Limiter):
             self = cls(name, shm, buf, table, sem)
             if create:
                 self._join_or_recover(header, limit, capacity, acquire_timeout, idle_timeout)
-            else:
-                self._settle_locked()
+            # attach (create=False) changes nothing: `mppools status` must be read-only
             return self
         finally:
             fcntl.lockf(shm.fd, fcntl.LOCK_UN, 1, 0)
