@@ -5,19 +5,25 @@ checks the magic and the layout version and refuses anything else.
 
 ::
 
-    offset 0                 header (HEADER_SIZE bytes)
-    offset HEADER_SIZE       capacity x slot record   (SLOT_SIZE bytes each, cache-line sized)
-    then                     waiter_capacity x waiter record (WAITER_SIZE bytes each)
+    offset 0            header (HEADER_SIZE bytes)
+    slot map            capacity bytes (rounded up to 64): the state of each slot, FREE/BUSY/IDLE
+    slot records        capacity x SLOT_SIZE: pid, start ticks, token, since
+    waiter map          waiter_capacity bytes (rounded up to 64): FREE/WAITING/GRANTED
+    waiter records      waiter_capacity x WAITER_SIZE
+
+The states live in dense byte maps, apart from the records, so that counting and finding
+free entries is one contiguous copy and a C-level search, whatever the capacity.
 
 Byte 0 of the segment is also the byte the cross-process mutex locks (``fcntl.lockf``).
 Every read-modify-write of the tables happens under that mutex, with one exception: a process
-stores the IDLE/BUSY state byte of a slot record it owns (one byte, no lock), so waiters can
-tell idle slots from busy ones.
+stores the IDLE/BUSY state byte of a slot it owns (one byte, no lock), so waiters can tell
+idle slots from busy ones.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -119,9 +125,26 @@ class WaiterRecord:
     granted_token: int
 
 
+#: byte offsets of the header fields read or bumped on their own
+LIMIT_AT: Final = 32
+FLAGS_AT: Final = 40
+NEXT_TOKEN_AT: Final = 68
+RECLAIMED_AT: Final = 76
+TIMEOUTS_AT: Final = 84
+ACQUIRED_AT: Final = 92
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_USED = re.compile(b"[^\x00]")
+
+
+def _round64(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
 def segment_size(capacity: int, waiter_capacity: int) -> int:
     """Bytes of shared memory for a budget of ``capacity`` slots and ``waiter_capacity`` waiters."""
-    return HEADER_SIZE + capacity * SLOT_SIZE + waiter_capacity * WAITER_SIZE
+    return (HEADER_SIZE + _round64(capacity) + capacity * SLOT_SIZE
+            + _round64(waiter_capacity) + waiter_capacity * WAITER_SIZE)
 
 
 class Table:
@@ -132,7 +155,10 @@ class Table:
         self.buf = buf
         self.capacity = capacity
         self.waiter_capacity = waiter_capacity
-        self._waiters_at = HEADER_SIZE + capacity * SLOT_SIZE
+        self.slot_map_at = HEADER_SIZE
+        self._slots_at = self.slot_map_at + _round64(capacity)
+        self._wmap_at = self._slots_at + capacity * SLOT_SIZE
+        self._waiters_at = self._wmap_at + _round64(waiter_capacity)
 
     # header ------------------------------------------------------------------------------
     def read_header(self) -> Header:
@@ -146,36 +172,47 @@ class Table:
             h.acquired_total, h.acquire_timeout, h.idle_timeout, h.uid,
         )
 
+    @property
+    def limit(self) -> int:
+        return int(_U32.unpack_from(self.buf, LIMIT_AT)[0])
+
+    def bump(self, offset: int, delta: int = 1) -> int:
+        """Add ``delta`` to the 64-bit counter at ``offset``; return its value before."""
+        (value,) = _U64.unpack_from(self.buf, offset)
+        _U64.pack_into(self.buf, offset, value + delta)
+        return int(value)
+
     # slots -------------------------------------------------------------------------------
     def slot_offset(self, index: int) -> int:
-        return HEADER_SIZE + index * SLOT_SIZE
+        return self._slots_at + index * SLOT_SIZE
 
     def read_slot(self, index: int) -> SlotRecord:
-        state, pid, start, token, since = SLOT.unpack_from(self.buf, self.slot_offset(index))
-        return SlotRecord(index, SlotState(state), pid, start, token, since)
+        _, pid, start, token, since = SLOT.unpack_from(self.buf, self.slot_offset(index))
+        return SlotRecord(index, SlotState(self.buf[self.slot_map_at + index]), pid, start,
+                          token, since)
 
     def write_slot(
         self, index: int, state: SlotState, pid: int, start: int, token: int, since: float
     ) -> None:
         SLOT.pack_into(self.buf, self.slot_offset(index), state, pid, start, token, since)
+        self.buf[self.slot_map_at + index] = state
 
     def clear_slot(self, index: int) -> None:
+        self.buf[self.slot_map_at + index] = 0
         SLOT.pack_into(self.buf, self.slot_offset(index), 0, 0, 0, 0, 0.0)
 
     def slot_states(self) -> bytes:
-        """The state byte of every slot record, in one C-level strided copy."""
-        end = HEADER_SIZE + self.capacity * SLOT_SIZE
-        return self.buf[HEADER_SIZE:end:SLOT_SIZE].tobytes()
+        """The state byte of every slot, in one contiguous copy."""
+        return self.buf[self.slot_map_at : self.slot_map_at + self.capacity].tobytes()
 
     def used_slots(self) -> list[SlotRecord]:
-        states = self.slot_states()
-        return [self.read_slot(i) for i, s in enumerate(states) if s != SlotState.FREE]
+        return [self.read_slot(m.start()) for m in _USED.finditer(self.slot_states())]
 
     def in_use(self) -> int:
         return self.capacity - self.slot_states().count(0)
 
     def free_slot_index(self) -> int:
-        index = self.slot_states().find(b"\x00")
+        index = self.slot_states().find(0)
         if index < 0:  # pragma: no cover - the limit is capped at capacity
             raise RuntimeError("slot table is full")
         return index
@@ -185,10 +222,11 @@ class Table:
         return self._waiters_at + index * WAITER_SIZE
 
     def read_waiter(self, index: int) -> WaiterRecord:
-        state, pid, start, nonce, ticket, gidx, gtoken = WAITER.unpack_from(
+        _, pid, start, nonce, ticket, gidx, gtoken = WAITER.unpack_from(
             self.buf, self.waiter_offset(index)
         )
-        return WaiterRecord(index, WaiterState(state), pid, start, nonce, ticket, gidx, gtoken)
+        state = WaiterState(self.buf[self._wmap_at + index])
+        return WaiterRecord(index, state, pid, start, nonce, ticket, gidx, gtoken)
 
     def write_waiter(
         self,
@@ -205,17 +243,21 @@ class Table:
             self.buf, self.waiter_offset(index), state, pid, start, nonce, ticket,
             granted_index, granted_token,
         )
+        self.buf[self._wmap_at + index] = state
 
     def clear_waiter(self, index: int) -> None:
+        self.buf[self._wmap_at + index] = 0
         WAITER.pack_into(self.buf, self.waiter_offset(index), 0, 0, 0, 0, 0, 0, 0)
 
     def waiter_states(self) -> bytes:
-        end = self._waiters_at + self.waiter_capacity * WAITER_SIZE
-        return self.buf[self._waiters_at:end:WAITER_SIZE].tobytes()
+        return self.buf[self._wmap_at : self._wmap_at + self.waiter_capacity].tobytes()
+
+    def waiting(self) -> int:
+        """Waiter entries in use (WAITING or GRANTED, not yet picked up)."""
+        return self.waiter_capacity - self.waiter_states().count(0)
 
     def used_waiters(self) -> list[WaiterRecord]:
-        states = self.waiter_states()
-        return [self.read_waiter(i) for i, s in enumerate(states) if s != WaiterState.FREE]
+        return [self.read_waiter(m.start()) for m in _USED.finditer(self.waiter_states())]
 
     def free_waiter_index(self) -> int:
-        return self.waiter_states().find(b"\x00")
+        return self.waiter_states().find(0)

@@ -48,7 +48,6 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import posix_ipc
@@ -65,10 +64,16 @@ from mppools._errors import (
 from mppools._limiter._base import AuditReport, BudgetStats, HolderStats, Limiter, Slot
 from mppools._liveness import Identity, is_alive, self_identity
 from mppools._slots import (
+    ACQUIRED_AT,
+    FLAGS_AT,
     HEADER_SIZE,
     LAYOUT_VERSION,
+    LIMIT_AT,
     MAGIC,
+    NEXT_TOKEN_AT,
+    RECLAIMED_AT,
     SLOT_SIZE,
+    TIMEOUTS_AT,
     WAITER_SIZE,
     Header,
     SlotRecord,
@@ -98,9 +103,6 @@ SLICE = 0.1
 MAX_WATCHED = 64
 YIELD_REQUEST = struct.Struct("<cIQ")
 _SHM_DIR = "/dev/shm"
-# byte offsets of header fields read without the mutex (see mppools._slots.HEADER)
-_LIMIT_AT = 32
-_FLAGS_AT = 40
 
 
 def validate_name(name: object) -> str:
@@ -140,6 +142,34 @@ def _timeout_value(field: float) -> float | None:
     return None if field < 0 else field
 
 
+class _Mutex:
+    """Context manager for the budget's mutex (a class: cheaper than a generator)."""
+
+    __slots__ = ("_fd", "_limiter", "_tlock")
+
+    def __init__(self, limiter: PosixLimiter) -> None:
+        self._limiter = limiter
+        self._tlock = limiter._tlock
+        self._fd = limiter._fd
+
+    def __enter__(self) -> None:
+        self._tlock.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
+        except BaseException:
+            self._tlock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._limiter._update_pressure_locked()
+        finally:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+            finally:
+                self._tlock.release()
+
+
 class PosixLimiter(Limiter):
     """One budget shared by all processes of this host that open the same name."""
 
@@ -159,7 +189,9 @@ class PosixLimiter(Limiter):
         self._view = table.buf
         self._sem = sem
         self._tlock = threading.Lock()
+        self._mutex = _Mutex(self)
         self._closed = False
+        self._slot_map_at = table.slot_map_at
         _fork.register(self, priority=0)
 
     # opening -------------------------------------------------------------------------------
@@ -366,39 +398,29 @@ class PosixLimiter(Limiter):
         self._settle_locked()
 
     # the mutex -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> _Mutex:
+        """The budget's mutex: this process's threads first, then the fcntl record lock."""
         if self._closed:
             raise RuntimeError(f"budget {self.name!r} was closed in this process")
-        with self._tlock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
-            try:
-                yield
-            finally:
-                try:
-                    self._update_pressure_locked()
-                finally:
-                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+        return self._mutex
 
     def _update_pressure_locked(self) -> None:
         """Publish one flag a releasing process can read without the lock: someone waits, or
         the budget is over its limit (after a forced shrink). Pools then close a connection
         they would have kept idle, and give its slot back at once."""
         table = self._table
-        limit = int(struct.unpack_from("<I", self._view, _LIMIT_AT)[0])
-        waiting = table.waiter_capacity - table.waiter_states().count(0)
-        pressure = 1 if waiting or table.in_use() > limit else 0
-        if self._view[_FLAGS_AT] != pressure:
-            self._view[_FLAGS_AT] = pressure
+        pressure = 1 if table.waiting() or table.in_use() > table.limit else 0
+        if self._view[FLAGS_AT] != pressure:
+            self._view[FLAGS_AT] = pressure
 
     def under_pressure(self) -> bool:
         """True if a slot given back now would be used at once (a memory read, no lock)."""
-        return not self._closed and self._view[_FLAGS_AT] != 0
+        return not self._closed and self._view[FLAGS_AT] != 0
 
     # header fields ---------------------------------------------------------------------------
     @property
     def limit(self) -> int:
-        return int(struct.unpack_from("<I", self._view, _LIMIT_AT)[0])
+        return int(struct.unpack_from("<I", self._view, LIMIT_AT)[0])
 
     @property
     def acquire_timeout(self) -> float | None:
@@ -409,26 +431,15 @@ class PosixLimiter(Limiter):
         return _timeout_value(self._table.read_header().idle_timeout)
 
     def _next_token_locked(self) -> int:
-        header = self._table.read_header()
-        token = header.next_token
-        header.next_token += 1
-        self._table.write_header(header)
-        return token
-
-    def _bump_locked(self, **deltas: int) -> None:
-        header = self._table.read_header()
-        for key, delta in deltas.items():
-            setattr(header, key, getattr(header, key) + delta)
-        self._table.write_header(header)
+        return self._table.bump(NEXT_TOKEN_AT)
 
     # core steps (mutex held) ---------------------------------------------------------------
     def _settle_locked(self) -> list[bytes]:
         """Hand free slots to waiters (oldest first), then make the semaphore exact."""
         table = self._table
-        header = table.read_header()
-        free = header.limit - table.in_use()
+        free = table.limit - table.in_use()
         wakes: list[bytes] = []
-        if free > 0:
+        if free > 0 and table.waiting():
             waiting = sorted(
                 (w for w in table.used_waiters() if w.state == WaiterState.WAITING),
                 key=lambda w: w.ticket,
@@ -441,16 +452,14 @@ class PosixLimiter(Limiter):
                     table.clear_waiter(w.index)
                     continue
                 index = table.free_slot_index()
-                token = header.next_token
-                header.next_token += 1
-                header.acquired_total += 1
+                token = table.bump(NEXT_TOKEN_AT)
+                table.bump(ACQUIRED_AT)
                 table.write_slot(index, SlotState.BUSY, w.pid, w.start, token, now)
                 table.write_waiter(
                     w.index, WaiterState.GRANTED, w.pid, w.start, w.nonce, w.ticket, index, token
                 )
                 wakes.append(_waiter_address(self.name, w.nonce))
                 free -= 1
-            table.write_header(header)
         self._set_semaphore_locked(max(free, 0))
         return wakes
 
@@ -475,19 +484,17 @@ class PosixLimiter(Limiter):
         except posix_ipc.BusyError:
             return None
         try:
-            header = table.read_header()
-            if table.in_use() >= header.limit:
+            states = table.slot_states()
+            if table.capacity - states.count(0) >= table.limit:
                 # the semaphore disagreed with the table (a crash inside a critical section):
                 # the table is the truth
                 self._settle_locked()
                 return None
-            index = table.free_slot_index()
-            token = header.next_token
-            header.next_token += 1
-            header.acquired_total += 1
+            index = states.find(0)
+            token = table.bump(NEXT_TOKEN_AT)
             now = time.time()
             table.write_slot(index, SlotState.BUSY, me.pid, me.start, token, now)
-            table.write_header(header)
+            table.bump(ACQUIRED_AT)
         except BaseException:
             self._settle_locked()
             raise
@@ -515,9 +522,8 @@ class PosixLimiter(Limiter):
                 table.clear_waiter(w.index)
                 dropped.append(w.pid)
         if reclaimed:
-            self._bump_locked(reclaimed_total=len(reclaimed))
-        header = table.read_header()
-        expected = max(header.limit - table.in_use(), 0)
+            table.bump(RECLAIMED_AT, len(reclaimed))
+        expected = max(table.limit - table.in_use(), 0)
         correction = expected - int(self._sem.value)
         wakes = self._settle_locked()
         # units handed to waiters are not a correction of the semaphore
@@ -598,7 +604,7 @@ class PosixLimiter(Limiter):
                     windex = -1
                     if granted is not None:
                         return granted
-                self._bump_locked(timeouts_total=1)
+                self._table.bump(TIMEOUTS_AT)
             raise self._exceeded(started, block=True)
         finally:
             if windex >= 0:
@@ -692,7 +698,7 @@ class PosixLimiter(Limiter):
                 holders = self._table.used_slots()
                 waiting = sum(1 for w in self._table.used_waiters()
                               if w.state == WaiterState.WAITING)
-                limit = self._table.read_header().limit
+                limit = self._table.limit
         except Exception:  # pragma: no cover - describing the error must not hide it
             holders, waiting, limit = [], 0, self.limit
         by_pid: dict[int, int] = {}
@@ -720,12 +726,12 @@ class PosixLimiter(Limiter):
         self._notify(wakes)
 
     def mark_idle(self, slot: Slot) -> None:
-        if slot.epoch == _fork.current_epoch() and not self._closed:
-            self._view[HEADER_SIZE + slot.index * SLOT_SIZE] = SlotState.IDLE
+        if slot.epoch == _fork._epoch and not self._closed:
+            self._view[self._slot_map_at + slot.index] = SlotState.IDLE
 
     def mark_busy(self, slot: Slot) -> None:
-        if slot.epoch == _fork.current_epoch() and not self._closed:
-            self._view[HEADER_SIZE + slot.index * SLOT_SIZE] = SlotState.BUSY
+        if slot.epoch == _fork._epoch and not self._closed:
+            self._view[self._slot_map_at + slot.index] = SlotState.BUSY
 
     def holds(self, slot: Slot) -> bool:
         """True if ``slot`` is still recorded as ours (not released, not reclaimed)."""
@@ -826,6 +832,7 @@ class PosixLimiter(Limiter):
     def _after_fork_in_child(self) -> None:
         # a thread of the parent may have held it at fork time
         self._tlock = threading.Lock()
+        self._mutex = _Mutex(self)
 
     def close(self) -> None:
         if self._closed:

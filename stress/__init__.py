@@ -1,0 +1,3 @@
+"""Benchmarks and stress tools for mppools: ``python -m stress bench|chaos ...``."""
+
+from __future__ import annotations
