@@ -195,7 +195,13 @@ class LimitedConnectionPool(ConnectionPool):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         conn = super().acquire(block=block, timeout=timeout)
-        if _config.current() is None:
+        slot = conn._mppools_slot
+        if slot is not None:
+            # the warm path: a pooled connection that still holds its slot
+            conn._mppools_limiter.mark_busy(slot)
+            conn._mppools_idle_since = None
+            return conn
+        if _config._limiter is None:
             return conn
         try:
             if deadline is None and block:
@@ -212,16 +218,15 @@ class LimitedConnectionPool(ConnectionPool):
         return conn
 
     def release(self, resource: Any) -> None:
-        slot = getattr(resource, "_mppools_slot", None)
+        slot = resource._mppools_slot
         if slot is not None:
             limiter = resource._mppools_limiter
-            if limiter is not None and limiter.under_pressure():
+            if limiter.under_pressure():
                 # someone waits (or the budget shrank): hand the slot on instead of idling
                 resource._mppools_close_taken()
             else:
                 resource._mppools_idle_since = time.monotonic()
-                if limiter is not None:
-                    limiter.mark_idle(slot)
+                limiter.mark_idle(slot)
         super().release(resource)
 
     def _after_fork_in_child(self) -> None:
@@ -263,15 +268,19 @@ class ProducerPool(_kombu_pools.ProducerPool):
         Raises:
             LimitExceeded: nothing free in time.
         """
+        if timeout is None:
+            return super().acquire(block=block, timeout=None)
+        # the deadline reaches _acquire_connection() (called by kombu's prepare) through a
+        # thread-local: kombu's signature has no room for it
         previous = getattr(_deadline, "value", None)
-        _deadline.value = (None if timeout is None else time.monotonic() + timeout, block)
+        _deadline.value = time.monotonic() + timeout
         try:
             return super().acquire(block=block, timeout=timeout)
         finally:
             _deadline.value = previous
 
     def _acquire_connection(self) -> Any:
-        deadline, _block = getattr(_deadline, "value", None) or (None, True)
+        deadline = getattr(_deadline, "value", None)
         if deadline is None:
             return self.connections.acquire(block=True)
         return self.connections.acquire(block=True, timeout=_remaining(deadline))

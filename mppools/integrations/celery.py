@@ -46,8 +46,8 @@ connection for its event dispatcher; the consuming connection (``connection_for_
 isn't pooled either. Budget your broker for ``limit`` + those per worker main process, or
 start the worker with ``--without-gossip --without-heartbeat`` and no ``-E``, or point
 ``broker_read_url`` elsewhere. Call ``install`` after the app's configuration is final: the
-pools are bound to ``connection_for_write()`` as configured then (if the app is not
-configured yet, they are installed when it is, on ``app.on_after_configure``).
+pools are bound to ``connection_for_write()`` as configured then (``install`` loads the
+configuration; a later ``config_from_object`` re-binds them through ``app.on_after_configure``).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def _make_step() -> type:
         def start(self, parent: Any) -> None:
             pool = getattr(getattr(parent, "pool", None), "_pool", None)
             if pool is not None and _hook_pool(pool):
-                logger.debug("mppools: hooked %r", pool)
+                logger.info("mppools: budget audit hooked to the reaping of pool children")
 
         def stop(self, parent: Any) -> None:
             pass
@@ -189,10 +189,11 @@ def install(
         except Exception:
             logger.exception("mppools: could not install the publishing pools of %r", app)
 
-    if app.configured:
-        install_pools(app)
-    else:
-        app.on_after_configure.connect(_pools, weak=False)
+    # load the configuration now (celery's own ``app.pool`` property would otherwise build a
+    # kombu pool after on_after_configure ran), and follow any later re-configuration
+    _ = app.conf
+    install_pools(app)
+    app.on_after_configure.connect(_pools, weak=False)
     # celery's app._after_fork() (billiard children) drops app._pool and the producer pool
     app.on_after_fork.connect(_pools, weak=False)
 
