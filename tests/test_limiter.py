@@ -405,7 +405,29 @@ def test_configure_joins_a_live_budget_and_refuses_another_limit(budget_name: st
         return f"joined limit={mppools.get_limit()}"
 
     assert run_in_child(lambda: join(2)) == "joined limit=2"
-    assert "already exists with limit 2" in run_in_child(lambda: join(5))
+    assert "open in this process with limit 2" in run_in_child(lambda: join(5))
+    # an unrelated process (gunicorn's USR2 binary upgrade) joins with the same limit and is
+    # refused another one
+    import subprocess
+    import sys
+
+    code = (
+        "import mppools, sys\n"
+        "lim = int(sys.argv[1])\n"
+        "try:\n"
+        f"    mppools.configure(limit=lim, name={budget_name!r})\n"
+        "except mppools.ConfigurationError as exc:\n"
+        "    print('refused:', exc)\n"
+        "else:\n"
+        "    print('joined', mppools.stats().limit)\n"
+    )
+    def run(limit: int) -> str:
+        return subprocess.run([sys.executable, "-c", code, str(limit)], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+
+    assert run(2) == "joined 2"
+    assert "already exists with limit 2" in run(5)
+    assert os.path.exists(f"/dev/shm/mppools.{budget_name}")  # the joiner did not unlink
 
 
 def test_shared_objects_are_owner_only(budget_name: str) -> None:
@@ -581,3 +603,30 @@ def test_other_platforms_are_refused_clearly(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(UnsupportedPlatformError, match="needs Linux"):
         mppools.configure(limit=2, name=budget_name)
     assert not os.path.exists(f"/dev/shm/mppools.{budget_name}")
+
+
+def test_one_fd_per_process_and_segment(budget_name: str) -> None:
+    """Closing a second fd of the segment would drop this process's fcntl lock: a second
+    open of the same budget in one process shares the first one's fd."""
+    limiter = mppools.configure(limit=2, name=budget_name)
+    again = PosixLimiter.open(budget_name, create=False)
+    assert again is limiter
+    with limiter._locked():
+        again.close()  # e.g. `mppools status` run in-process
+        # the lock is still ours: another process cannot take it
+        def try_lock() -> bool:
+            import fcntl
+
+            fd = os.open(f"/dev/shm/mppools.{budget_name}", os.O_RDWR)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError:
+                return False
+            finally:
+                os.close(fd)
+            return True
+
+        assert run_in_child(try_lock) is False
+    assert not limiter._closed
+    with pytest.raises(ConfigurationError, match="open in this process with limit 2"):
+        PosixLimiter.open(budget_name, create=True, limit=5)

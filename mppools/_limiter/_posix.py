@@ -142,6 +142,11 @@ def _timeout_value(field: float) -> float | None:
     return None if field < 0 else field
 
 
+#: the budgets this process has open, by name (see PosixLimiter.open)
+_instances: dict[str, PosixLimiter] = {}
+_instances_lock = threading.RLock()
+
+
 class _Mutex:
     """Context manager for the budget's mutex (a class: cheaper than a generator)."""
 
@@ -191,6 +196,7 @@ class PosixLimiter(Limiter):
         self._tlock = threading.Lock()
         self._mutex = _Mutex(self)
         self._closed = False
+        self._refs = 1
         self._slot_map_at = table.slot_map_at
         _fork.register(self, priority=0)
 
@@ -216,6 +222,36 @@ class PosixLimiter(Limiter):
             ConfigurationError: the budget exists with a different limit and a live creator.
         """
         validate_name(name)
+        with _instances_lock:
+            shared = _instances.get(name)
+            if shared is not None and not shared._closed:
+                # one fd per process and segment: closing a second fd of the same file would
+                # silently drop this process's fcntl lock (POSIX record-lock semantics)
+                if create and limit is not None and limit != shared.limit:
+                    raise ConfigurationError(
+                        f"budget {name!r} is open in this process with limit {shared.limit}; "
+                        f"asked for limit {limit}: use set_limit() to change it"
+                    )
+                shared._refs += 1
+                return shared
+            limiter = cls._open_new(name, create=create, limit=limit, capacity=capacity,
+                                    acquire_timeout=acquire_timeout,
+                                    idle_timeout=idle_timeout, mode=mode)
+            _instances[name] = limiter
+            return limiter
+
+    @classmethod
+    def _open_new(
+        cls,
+        name: str,
+        *,
+        create: bool,
+        limit: int | None,
+        capacity: int | None,
+        acquire_timeout: float | None,
+        idle_timeout: float | None,
+        mode: int,
+    ) -> PosixLimiter:
         cap = capacity if capacity is not None else max(DEFAULT_CAPACITY, limit or 0)
         size = segment_size(cap, cap)
         created = False
@@ -835,9 +871,16 @@ class PosixLimiter(Limiter):
         self._mutex = _Mutex(self)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Drop this reference; the last one closes the fd, the mapping and the semaphore."""
+        with _instances_lock:
+            if self._closed:
+                return
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            if _instances.get(self.name) is self:
+                del _instances[self.name]
+            self._closed = True
         self._view.release()
         with contextlib.suppress(BufferError):
             self._mmap.close()
