@@ -62,6 +62,7 @@ use_global_limit = _kombu_pools.use_global_limit
 disable_limit_protection = _kombu_pools.disable_limit_protection
 
 _limit = [10]
+_BUSY, _IDLE = 1, 2  # mppools._slots.SlotState values, as plain ints for the warm path
 _groups: list[PoolGroup] = []
 _deadline = threading.local()
 
@@ -76,6 +77,11 @@ class LimitedConnection(PooledConnection):
     """A pooled kombu connection that holds one slot of the budget while it is open."""
 
     _mppools_slot: Slot | None = None
+    # where the warm path stores this slot's IDLE/BUSY byte and reads the pressure flag
+    # (a cell of the shared segment; -1 when the backend has none or no slot is held)
+    _mppools_view: Any = None
+    _mppools_at: int = -1
+    _mppools_pressure_at: int = -1
     _mppools_limiter: Limiter | None = None
     _mppools_idle_since: float | None = None
     _mppools_epoch: int = 0
@@ -95,6 +101,9 @@ class LimitedConnection(PooledConnection):
             return
         slot = limiter.acquire(block=block, timeout=timeout)
         self._mppools_slot, self._mppools_limiter = slot, limiter
+        cells = limiter.cells(slot)
+        if cells is not None:
+            self._mppools_view, self._mppools_at, self._mppools_pressure_at = cells
         # a connection dropped without being closed (a pool group cleared by hand, say)
         # closes its socket when collected: its slot goes back then too
         self._mppools_finalizer = weakref.finalize(self, limiter.release, slot)
@@ -103,6 +112,7 @@ class LimitedConnection(PooledConnection):
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
         self._mppools_slot = self._mppools_limiter = None
+        self._mppools_view, self._mppools_at = None, -1
         self._mppools_idle_since = None
         if self._mppools_finalizer is not None:
             self._mppools_finalizer.detach()
@@ -162,6 +172,7 @@ class LimitedConnection(PooledConnection):
             self._mppools_finalizer.detach()  # the parent's slot: never ours to release
             self._mppools_finalizer = None
         self._mppools_slot = self._mppools_limiter = None
+        self._mppools_view, self._mppools_at = None, -1
         self._connection = None
         self._transport = None
         self._default_channel = None
@@ -195,11 +206,18 @@ class LimitedConnectionPool(ConnectionPool):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         conn = super().acquire(block=block, timeout=timeout)
+        at = conn._mppools_at
+        if at >= 0:
+            # the warm path: a pooled connection that still holds its slot; one byte store
+            # into this process's own record, no lock, no syscall
+            try:
+                conn._mppools_view[at] = _BUSY
+            except ValueError:  # the budget was closed meanwhile (mppools.close())
+                conn._mppools_view, conn._mppools_at = None, -1
+            return conn
         slot = conn._mppools_slot
         if slot is not None:
-            # the warm path: a pooled connection that still holds its slot
             conn._mppools_limiter.mark_busy(slot)
-            conn._mppools_idle_since = None
             return conn
         if _config._limiter is None:
             return conn
@@ -218,15 +236,25 @@ class LimitedConnectionPool(ConnectionPool):
         return conn
 
     def release(self, resource: Any) -> None:
-        slot = resource._mppools_slot
-        if slot is not None:
+        at = resource._mppools_at
+        if at >= 0:
+            view = resource._mppools_view
+            try:
+                if view[resource._mppools_pressure_at]:
+                    # someone waits (or the budget shrank): hand the slot on, don't idle
+                    resource._mppools_close_taken()
+                else:
+                    resource._mppools_idle_since = time.monotonic()
+                    view[at] = _IDLE
+            except ValueError:  # the budget was closed meanwhile (mppools.close())
+                resource._mppools_view, resource._mppools_at = None, -1
+        elif resource._mppools_slot is not None:
             limiter = resource._mppools_limiter
             if limiter.under_pressure():
-                # someone waits (or the budget shrank): hand the slot on instead of idling
                 resource._mppools_close_taken()
             else:
                 resource._mppools_idle_since = time.monotonic()
-                limiter.mark_idle(slot)
+                limiter.mark_idle(slot=resource._mppools_slot)
         super().release(resource)
 
     def _after_fork_in_child(self) -> None:

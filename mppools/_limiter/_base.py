@@ -94,6 +94,12 @@ class Limiter(abc.ABC):
     def mark_idle(self, slot: Slot) -> None:  # noqa: B027 - optional hook
         """Note that the connection holding ``slot`` sits idle in a local pool (cheap)."""
 
+    def cells(self, slot: Slot) -> tuple[memoryview, int, int] | None:
+        """Where the warm path may store ``slot``'s IDLE/BUSY byte and read the pressure
+        flag without a call: ``(view, state offset, pressure offset)``; None if the backend
+        has no such cells (then :meth:`mark_idle` / :meth:`under_pressure` are called)."""
+        return None
+
     def under_pressure(self) -> bool:
         """True if someone waits for a slot or the budget is over its limit (cheap read)."""
         return False

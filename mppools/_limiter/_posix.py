@@ -761,6 +761,11 @@ class PosixLimiter(Limiter):
             wakes = self._settle_locked()
         self._notify(wakes)
 
+    def cells(self, slot: Slot) -> tuple[memoryview, int, int] | None:
+        if slot.epoch != _fork._epoch or self._closed:
+            return None
+        return self._view, self._slot_map_at + slot.index, FLAGS_AT
+
     def mark_idle(self, slot: Slot) -> None:
         if slot.epoch == _fork._epoch and not self._closed:
             self._view[self._slot_map_at + slot.index] = SlotState.IDLE
