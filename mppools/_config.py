@@ -193,6 +193,10 @@ def close(*, unlink: bool | None = None) -> None:
     other live process holds or waits for its slots; ``True`` insists (raising
     BudgetInUseError while others use it), ``False`` never removes them.
     After ``close()`` mppools behaves like kombu.pools again until the next configure().
+
+    Raises:
+        BudgetInUseError: ``unlink=True`` while other live processes hold or wait for slots
+            (this process is detached all the same).
     """
     global _limiter, _settings, _creator_pid
     from mppools import pools
