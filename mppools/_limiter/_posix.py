@@ -593,6 +593,7 @@ class PosixLimiter(Limiter):
         nonce = secrets.randbits(63) or 1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         windex = -1
+        watched: dict[tuple[int, int], int] = {}
         try:
             sock.bind(_waiter_address(self.name, nonce))
             sock.setblocking(False)
@@ -621,16 +622,14 @@ class PosixLimiter(Limiter):
                                 windex, WaiterState.WAITING, me.pid, me.start, nonce, ticket
                             )
                     holders = self._table.used_slots()
-                    waiting = sum(
-                        1 for w in self._table.used_waiters() if w.state == WaiterState.WAITING
-                    )
+                    waiting = self._table.waiting()
                 self._notify(wakes)
                 self._request_yields(holders, max(waiting, 1))
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
                 wait_for = SLICE if deadline is None else min(SLICE, deadline - now)
-                audit = not self._sleep(sock, holders, me, wait_for)
+                audit = not self._sleep(sock, holders, me, wait_for, watched)
             # out of time: a hand-off may still have raced in
             with self._locked():
                 if windex >= 0:
@@ -648,6 +647,8 @@ class PosixLimiter(Limiter):
                 # handed to us meanwhile and drop our waiter record
                 self._abandon_wait(windex, nonce, me)
             sock.close()
+            for fd in watched.values():
+                os.close(fd)
 
     def _take_grant_locked(self, windex: int, nonce: int, me: Identity) -> Slot | None:
         """If our waiter record was granted a slot, turn it into a Slot (else None)."""
@@ -674,35 +675,44 @@ class PosixLimiter(Limiter):
         self._notify(wakes)
 
     def _sleep(self, sock: socket.socket, holders: list[SlotRecord], me: Identity,
-               wait_for: float) -> bool:
-        """Sleep until woken (True) or until a holder dies or the slice ends (False)."""
+               wait_for: float, watched: dict[tuple[int, int], int]) -> bool:
+        """Sleep until woken (True) or until a holder dies or the slice ends (False).
+
+        ``watched`` maps holder identities to their open pidfds; it lives as long as the
+        wait, so each holder costs one ``pidfd_open`` and one identity check per wait, not
+        per wake-up.
+        """
+        current = {(r.pid, r.start) for r in holders if r.pid != me.pid}
+        for ident in [k for k in watched if k not in current]:
+            os.close(watched.pop(ident))
+        for pid, start in current:
+            if (pid, start) in watched:
+                continue
+            if len(watched) >= MAX_WATCHED:
+                break  # the rest are covered by the audit at the end of the slice
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                return False  # already gone: audit now
+            watched[(pid, start)] = fd
+            if not is_alive(pid, start):  # the pid was reused: the holder is dead
+                return False
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        pidfds: list[int] = []
-        try:
-            for pid, start in {(r.pid, r.start) for r in holders if r.pid != me.pid}:
-                if len(pidfds) >= MAX_WATCHED:
-                    break
-                try:
-                    fd = os.pidfd_open(pid)
-                except (ProcessLookupError, OSError):
-                    return False  # already gone: audit now
-                pidfds.append(fd)
-                if not is_alive(pid, start):  # the pid was reused: the holder is dead
-                    return False
-                poller.register(fd, select.POLLIN)
-            events = poller.poll(max(wait_for, 0.0) * 1000.0)
-            woken = False
-            for fd, _ in events:
-                if fd == sock.fileno():
-                    woken = True
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    sock.recv(64)
-            return woken
-        finally:
-            for fd in pidfds:
-                os.close(fd)
+        for fd in watched.values():
+            poller.register(fd, select.POLLIN)
+        events = poller.poll(max(wait_for, 0.0) * 1000.0)
+        woken = False
+        died = False
+        for fd, _ in events:
+            if fd == sock.fileno():
+                woken = True
+            else:
+                died = True
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sock.recv(64)
+        return woken and not died
 
     def _notify(self, addresses: list[bytes]) -> None:
         if not addresses:
