@@ -84,12 +84,7 @@ class LimitedConnection(PooledConnection):
     _mppools_pressure_at: int = -1
     _mppools_limiter: Limiter | None = None
     _mppools_idle_since: float | None = None
-    _mppools_epoch: int = 0
     _mppools_finalizer: weakref.finalize[Any, Any] | None = None
-
-    def __init__(self, pool: LimitedConnectionPool, **kwargs: Any) -> None:
-        self._mppools_epoch = _fork.current_epoch()
-        super().__init__(pool, **kwargs)
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
