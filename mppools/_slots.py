@@ -135,6 +135,9 @@ ACQUIRED_AT: Final = 92
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _USED = re.compile(b"[^\x00]")
+_WAITING = re.compile(b"\x01")
+# the ticket's offset inside a waiter record (after state, pad, pid, start, nonce)
+_TICKET_OFFSET = struct.calcsize("<B3xIQQ")
 
 
 def _round64(n: int) -> int:
@@ -258,6 +261,22 @@ class Table:
 
     def used_waiters(self) -> list[WaiterRecord]:
         return [self.read_waiter(m.start()) for m in _USED.finditer(self.waiter_states())]
+
+    def oldest_waiting(self) -> int:
+        """Index of the WAITING entry with the smallest ticket (FIFO order), or -1.
+
+        Reads only the state map and the ticket field of each entry in use: this runs on
+        every release while processes wait, so it avoids decoding whole records.
+        """
+        states = self.waiter_states()
+        best, best_ticket = -1, 0
+        buf, base = self.buf, self._waiters_at + _TICKET_OFFSET
+        for m in _WAITING.finditer(states):
+            i = m.start()
+            (ticket,) = _U64.unpack_from(buf, base + i * WAITER_SIZE)
+            if best < 0 or ticket < best_ticket:
+                best, best_ticket = i, ticket
+        return best
 
     def free_waiter_index(self) -> int:
         return self.waiter_states().find(0)

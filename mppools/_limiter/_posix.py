@@ -195,6 +195,7 @@ class PosixLimiter(Limiter):
         self._sem = sem
         self._tlock = threading.Lock()
         self._mutex = _Mutex(self)
+        self._local = threading.local()
         self._closed = False
         self._refs = 1
         self._slot_map_at = table.slot_map_at
@@ -476,14 +477,12 @@ class PosixLimiter(Limiter):
         free = table.limit - table.in_use()
         wakes: list[bytes] = []
         if free > 0 and table.waiting():
-            waiting = sorted(
-                (w for w in table.used_waiters() if w.state == WaiterState.WAITING),
-                key=lambda w: w.ticket,
-            )
             now = time.time()
-            for w in waiting:
-                if free <= 0:
+            while free > 0:
+                oldest = table.oldest_waiting()
+                if oldest < 0:
                     break
+                w = table.read_waiter(oldest)
                 if not is_alive(w.pid, w.start):
                     table.clear_waiter(w.index)
                     continue
@@ -590,13 +589,10 @@ class PosixLimiter(Limiter):
         return self._wait(me, started, deadline)
 
     def _wait(self, me: Identity, started: float, deadline: float | None) -> Slot:
-        nonce = secrets.randbits(63) or 1
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        nonce, sock = self._waiter_socket(me)
         windex = -1
         watched: dict[tuple[int, int], int] = {}
         try:
-            sock.bind(_waiter_address(self.name, nonce))
-            sock.setblocking(False)
             audit = False
             while True:
                 wakes: list[bytes] = []
@@ -646,9 +642,30 @@ class PosixLimiter(Limiter):
                 # leaving by an exception (a signal handler's, say): give back anything
                 # handed to us meanwhile and drop our waiter record
                 self._abandon_wait(windex, nonce, me)
-            sock.close()
             for fd in watched.values():
                 os.close(fd)
+
+    def _waiter_socket(self, me: Identity) -> tuple[int, socket.socket]:
+        """This thread's wake-up socket for this budget (bound once, reused by every wait;
+        a forked child binds its own)."""
+        cached: tuple[int, int, socket.socket] | None = getattr(self._local, "waiter", None)
+        if cached is not None and cached[0] == me.pid:
+            _, nonce, sock = cached
+            with contextlib.suppress(BlockingIOError):
+                while True:  # a hand-off datagram that arrived after the last wait ended
+                    sock.recv(64)
+            return nonce, sock
+        nonce = secrets.randbits(63) or 1
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(_waiter_address(self.name, nonce))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        # the thread-local holds it; it closes with the thread (or the process)
+        self._local.waiter = (me.pid, nonce, sock)
+        return nonce, sock
 
     def _take_grant_locked(self, windex: int, nonce: int, me: Identity) -> Slot | None:
         """If our waiter record was granted a slot, turn it into a Slot (else None)."""
@@ -884,6 +901,11 @@ class PosixLimiter(Limiter):
         # a thread of the parent may have held it at fork time
         self._tlock = threading.Lock()
         self._mutex = _Mutex(self)
+        # the parent's waiter sockets are the parent's: drop our fd copies
+        cached = getattr(self._local, "waiter", None)
+        if cached is not None:
+            cached[2].close()
+        self._local = threading.local()
 
     def close(self) -> None:
         """Drop this reference; the last one closes the fd, the mapping and the semaphore."""
