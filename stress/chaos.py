@@ -45,7 +45,7 @@ class _Proxy:
     def __init__(self, port: int, max_connections: int) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
         self.proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "integration" / "apps" / "proxy_server.py"),
+            [sys.executable, str(TESTS / "support" / "proxy_server.py"),
              "127.0.0.1", str(port), str(max_connections)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
             start_new_session=True,

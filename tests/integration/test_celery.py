@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from support.proxy_process import ProxyProcess
 from support.servers import RabbitMQServer, popen
 
 import mppools
 
 from .conftest import (
     APPS,
-    ProxyProcess,
     Sampler,
     base_env,
     child_pids,

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.proxy_process import ProxyProcess
 from support.servers import RabbitMQServer
 
 import mppools
 
 from .conftest import (
     Gunicorn,
-    ProxyProcess,
     Sampler,
     base_env,
     drain_queue,
