@@ -159,10 +159,17 @@ def run_in_child(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         finally:
             os._exit(code)
     os.close(w)
+    answered = False
     try:
         status, value = _recv(r, timeout)
+        answered = True
     finally:
         os.close(r)
+        if not answered:  # hung (a deadlock, say) or died: never wait on it unbounded
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _, _ = os.waitpid(pid, 0)
     if status == "error":
         raise ChildError(value)
