@@ -256,3 +256,27 @@ def test_a_dropped_connection_gives_its_slot_back_when_collected(budget_name: st
     del c
     gc.collect()
     assert mppools.stats().in_use == 0
+
+
+def test_warm_path_takes_no_lock_and_no_syscall(budget_name: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promise 2: reusing a pooled connection touches no shared lock (one byte store into
+    this process's own record, one byte read of the pressure flag)."""
+    import fcntl
+
+    limiter = mppools.configure(limit=2, name=budget_name, idle_timeout=None)
+    conn = Connection("memory://")
+    with mppools.producers[conn].acquire(block=True, timeout=2) as p:
+        p.publish({"n": 0}, routing_key="warm")  # cold: takes the slot
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the warm path took the budget's lock")
+
+    monkeypatch.setattr(limiter, "_locked", forbidden)
+    monkeypatch.setattr(fcntl, "lockf", forbidden)
+    for i in range(20):
+        with mppools.producers[conn].acquire(block=True, timeout=2) as p:
+            p.publish({"n": i}, routing_key="warm")
+    monkeypatch.undo()
+    stats = mppools.stats()
+    assert stats.in_use == 1 and stats.holders[0].idle == 1

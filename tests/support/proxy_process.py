@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .proxy import rewrite_url
 from .servers import stop_process_tree
 
 _HERE = Path(__file__).resolve().parent
@@ -60,14 +61,7 @@ class ProxyProcess:
             return json.loads(self._readline(15.0))
 
     def url_for(self, url: str) -> str:
-        import urllib.parse
-
-        parts = urllib.parse.urlsplit(url)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{self.host}:{self.port}"
-        if userinfo:
-            netloc = f"{userinfo}@{netloc}"
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return rewrite_url(url, self.host, self.port)
 
     @property
     def current(self) -> int:
