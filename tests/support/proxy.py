@@ -332,10 +332,13 @@ class CountingProxy:
             if self.settle_after_accept:
                 self._sweep_hangups()
             if self.max_connections is not None and self._current >= self.max_connections:
+                # Count first, close second: the client sees EOF the moment close() runs
+                # and may read `refused` before this thread gets the GIL back.
+                with self._cond:
+                    self._refused += 1
+                    self._cond.notify_all()
                 with contextlib.suppress(OSError):
                     client.close()
-                with self._lock:
-                    self._refused += 1
                 continue
             self._open(client)
 
@@ -491,6 +494,10 @@ class CountingProxy:
         if conn.closed:
             return
         conn.closed = True
+        # Uncount before closing, for the same reason as a refusal: whoever sees the close
+        # (the client, the broker) must find the count already updated.
+        self._by_id.pop(conn.cid, None)
+        self._set_count(-1)
         for s in (conn.client, conn.upstream):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._sel.unregister(s)
@@ -500,5 +507,3 @@ class CountingProxy:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             with contextlib.suppress(OSError):
                 s.close()
-        self._by_id.pop(conn.cid, None)
-        self._set_count(-1)

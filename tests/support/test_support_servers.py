@@ -3,11 +3,13 @@ rabbitmq-server installed; runs in well under a minute)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ import pytest
 from kombu.connection import Connection as KombuConnection
 
 from .proxy import CountingProxy
+from .proxy_process import ProxyProcess
 from .servers import LOCALHOST, RabbitMQServer, RedisServer, free_port
 
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -226,6 +229,61 @@ def test_proxy_max_connections_refuses(redis: RedisServer) -> None:
         for s in (b, d):
             s.close()
         assert proxy.wait_current(0, 5)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A 127.0.0.1 listener that never accepts: an upstream for proxies that refuse."""
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        s.listen(16)
+        yield s
+
+
+def _refusals_seen_uncounted(address: tuple[str, int], refused: Callable[[], int],
+                             rounds: int) -> list[int]:
+    """Connect *rounds* times to a proxy that refuses everything; return the rounds in which
+    the client had already seen the close while the proxy's ``refused`` was not counted."""
+    late = []
+    for i in range(1, rounds + 1):
+        with socket.create_connection(address, timeout=5) as c:
+            assert c.recv(16) == b""
+            if refused() != i:
+                late.append(i)
+                assert wait_until(lambda i=i: refused() == i, 5)  # type: ignore[misc]
+    return late
+
+
+@pytest.mark.timeout(60)
+def test_proxy_counts_a_refusal_before_closing_it(listener: socket.socket) -> None:
+    # Before the fix the proxy closed first and counted after: about 7 % of the rounds
+    # saw the EOF before the count (the close releases the GIL to the waiting client).
+    with CountingProxy(listener.getsockname(), max_connections=0) as proxy:
+        assert _refusals_seen_uncounted(proxy.address, lambda: proxy.refused, 500) == []
+        assert proxy.total_accepted == 0 and proxy.peak == 0
+
+
+@pytest.mark.timeout(60)
+def test_proxy_process_counts_a_refusal_before_closing_it(listener: socket.socket) -> None:
+    with ProxyProcess(listener.getsockname(), max_connections=0) as proxy:
+        address = (proxy.host, proxy.port)
+        assert _refusals_seen_uncounted(address, lambda: proxy.refused, 300) == []
+        assert proxy.total_accepted == 0 and proxy.peak == 0
+
+
+@pytest.mark.timeout(60)
+def test_proxy_uncounts_before_closing(listener: socket.socket) -> None:
+    # A connection the proxy closes itself (its upstream accepted and then reset) must be
+    # uncounted by the time its client sees the close.
+    with CountingProxy(listener.getsockname(), connect_timeout=5) as proxy:
+        for _ in range(200):
+            with socket.create_connection(proxy.address, timeout=5) as c:
+                up, _ = listener.accept()
+                up.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                up.close()  # RST: the proxy drops both sides
+                with contextlib.suppress(ConnectionResetError):
+                    assert c.recv(16) == b""
+                assert proxy.current == 0, proxy.history[-4:]
 
 
 @pytest.mark.redis
