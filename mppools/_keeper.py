@@ -26,7 +26,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from mppools import _fork
+from mppools import _fork, _green
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -42,11 +42,14 @@ class Keeper:
     """Tracks this process's slot-holding connections and yields idle ones on request."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # green once gevent/eventlet patched, even when made before (issue 8): a greenlet
+        # that yields while holding a real lock would block every greenlet of its thread
+        self._lock = _green.Lock()
         self._held: dict[int, weakref.ref[LimitedConnection]] = {}
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._starting = False  # one caller is starting the thread (outside the lock)
         self._address: bytes | None = None
         self.yielded = 0
         self.expired = 0
@@ -56,8 +59,19 @@ class Keeper:
         """Remember that ``conn`` holds the slot ``token``; start the thread if needed."""
         with self._lock:
             self._held[token] = weakref.ref(conn)
-            if address is not None and (self._thread is None or self._address != address):
-                self._start_locked(address)
+            if address is None or self._starting or (
+                    self._thread is not None and self._address == address):
+                return
+            self._starting = True
+        try:
+            thread = self._prepare(address)
+            if thread is not None:
+                # outside the lock: Thread.start() waits for the thread, which switches
+                # greenlets under gevent/eventlet
+                thread.start()
+        finally:
+            with self._lock:
+                self._starting = False
 
     def untrack(self, token: int) -> None:
         with self._lock:
@@ -69,22 +83,24 @@ class Keeper:
         return [c for c in (r() for r in refs) if c is not None]
 
     # the thread ----------------------------------------------------------------------------
-    def _start_locked(self, address: bytes) -> None:
-        self._stop_locked()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(address)
-        except OSError:
-            # another object of this process already serves that address (should not
-            # happen): idle yield is then off for this process, the limit still holds
-            logger.warning("mppools: keeper could not bind its socket", exc_info=True)
-            sock.close()
-            return
-        self._sock, self._address, self._stopping = sock, address, False
-        thread = threading.Thread(target=self._run, args=(sock,), name="mppools-keeper",
-                                  daemon=True)
-        self._thread = thread
-        thread.start()
+    def _prepare(self, address: bytes) -> threading.Thread | None:
+        """Bind the socket and make (not start) the thread; None if the bind failed."""
+        with self._lock:
+            self._stop_locked()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.bind(address)
+            except OSError:
+                # another object of this process already serves that address (should not
+                # happen): idle yield is then off for this process, the limit still holds
+                logger.warning("mppools: keeper could not bind its socket", exc_info=True)
+                sock.close()
+                return None
+            self._sock, self._address, self._stopping = sock, address, False
+            thread = threading.Thread(target=self._run, args=(sock,), name="mppools-keeper",
+                                      daemon=True)
+            self._thread = thread
+            return thread
 
     def _stop_locked(self) -> None:
         self._stopping = True
@@ -148,10 +164,11 @@ class Keeper:
 
     def _after_fork_in_child(self) -> None:
         # the parent's thread does not exist here; our copy of its socket is only an fd
-        self._lock = threading.Lock()
+        self._lock._reset()
         sock, self._sock, self._thread, self._address = self._sock, None, None, None
         self._held = {}
         self._stopping = False
+        self._starting = False
         if sock is not None:
             sock.close()  # closes this process's fd copy only; the parent keeps its socket
 

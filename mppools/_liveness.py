@@ -18,10 +18,11 @@ container); a pid from another namespace would be taken for a dead process.
 from __future__ import annotations
 
 import os
-import select
 from typing import NamedTuple
 
 import psutil
+
+from mppools import _green
 
 __all__ = ["Identity", "identity_of", "is_alive", "self_identity"]
 
@@ -80,9 +81,8 @@ def _exited(pid: int) -> bool:
         except OSError:
             return True
     try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
+        # not select.poll: eventlet's patched select has none (issue 8)
+        return bool(_green.wait_readable([fd], 0))
     finally:
         os.close(fd)
 
