@@ -31,7 +31,7 @@ from mppools._errors import (
     UnsupportedPlatformError,
 )
 from mppools._limiter._base import AuditReport, BudgetStats, HolderStats
-from mppools._limiter._posix import list_budgets, unlink
+from mppools._limiter.posix import list_budgets, unlink
 from mppools.pools import (
     PoolGroup,
     ProducerPool,

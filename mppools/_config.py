@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mppools import _fork
 from mppools._errors import (
@@ -44,12 +44,13 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 
 @dataclass(frozen=True)
 class _Settings:
-    name: str
+    name: str | None
     limit: int
     acquire_timeout: float | None
     idle_timeout: float | None
     capacity: int | None
     mode: int
+    generated: bool = False  # the name was made up by configure()
 
 
 _lock = threading.Lock()
@@ -86,9 +87,9 @@ def configure(
     starts). From then on, at most ``limit`` broker connections made through mppools' pools
     are open at once across all processes that share ``name``.
 
-    ``name`` defaults to ``"pid<master pid>"``; give an explicit name to let exec'd processes
-    :func:`attach`. If a budget of that name exists, this joins it when its creator is alive
-    and the limit matches (a gunicorn binary upgrade), or recovers it in place when its
+    ``name`` defaults to a fresh name, ``"pid<master pid>-<random>"``, that no other user can
+    predict and squat; give an explicit name to let exec'd processes :func:`attach`. If a
+    budget of that name exists, this joins it when its creator is alive and the limit matches (a gunicorn binary upgrade), or recovers it in place when its
     creator died (leftovers of a SIGKILLed master). Calling it again with the same arguments
     returns the same budget.
 
@@ -107,11 +108,10 @@ def configure(
     """
     global _limiter, _settings, _creator_pid
     check_limit(limit)
-    if name is None:
-        name = f"pid{os.getpid()}"
-    from mppools._limiter._posix import validate_name
+    from mppools._limiter.posix import validate_name
 
-    validate_name(name)
+    if name is not None:
+        validate_name(name)
     acquire_timeout = check_timeout("acquire_timeout", acquire_timeout)
     idle_timeout = check_timeout("idle_timeout", idle_timeout)
     if capacity is not None:
@@ -126,24 +126,49 @@ def configure(
     wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode)
     with _lock:
         if _settings is not None and _limiter is not None:
-            if _settings == wanted:
+            if _settings == wanted or (name is None and _settings.generated and
+                                       _settings == replace(wanted, name=_settings.name,
+                                                            generated=True)):
                 return _limiter
             raise ConfigurationError(
                 f"this process already uses budget {_settings.name!r} (limit "
                 f"{_settings.limit}); call mppools.close() before configuring {name!r} "
                 f"with limit {limit}"
             )
-        from mppools._limiter._posix import PosixLimiter
+        from mppools._limiter.posix import PosixLimiter
 
-        limiter = PosixLimiter.open(
-            name, create=True, limit=limit, capacity=capacity,
-            acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
-        )
+        if name is None:
+            limiter = _create_unnamed(limit, capacity, acquire_timeout, idle_timeout, mode)
+            wanted = replace(wanted, name=limiter.name, generated=True)
+        else:
+            limiter = PosixLimiter.open(
+                name, create=True, limit=limit, capacity=capacity,
+                acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
+            )
         _warn_if_pools_hold_connections()
         _limiter, _settings = limiter, wanted
         if limiter.is_creator():
             _creator_pid = os.getpid()
         return limiter
+
+
+def _create_unnamed(
+    limit: int, capacity: int | None, acquire_timeout: float | None,
+    idle_timeout: float | None, mode: int,
+) -> Limiter:
+    """A new budget under a generated name nobody could have squatted in advance."""
+    from mppools._limiter.posix import PosixLimiter, default_name
+
+    for _ in range(16):
+        try:
+            return PosixLimiter.open(
+                default_name(), create=True, limit=limit, capacity=capacity,
+                acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
+                exclusive=True,
+            )
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    raise ConfigurationError("could not find a free budget name in 16 tries")  # pragma: no cover
 
 
 def attach(name: str) -> Limiter:
@@ -155,7 +180,7 @@ def attach(name: str) -> Limiter:
         ConfigurationError: this process already uses another budget.
     """
     global _limiter, _settings
-    from mppools._limiter._posix import PosixLimiter, validate_name
+    from mppools._limiter.posix import PosixLimiter, validate_name
 
     validate_name(name)
     _check_platform()
@@ -212,7 +237,7 @@ def close(*, unlink: bool | None = None) -> None:
     keeper().stop()
     try:
         from mppools._errors import BudgetInUseError
-        from mppools._limiter._posix import PosixLimiter
+        from mppools._limiter.posix import PosixLimiter
 
         if isinstance(limiter, PosixLimiter):
             if unlink is True:

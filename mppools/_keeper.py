@@ -18,6 +18,7 @@ address, the first time the child takes a slot.
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import socket
 import struct
@@ -26,7 +27,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from mppools import _fork, _green
+from mppools import _fork, _yield, _green
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -35,7 +36,25 @@ __all__ = ["Keeper", "keeper"]
 
 logger = logging.getLogger("mppools")
 
-_REQUEST = struct.Struct("<cIQ")
+_CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
+_CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size)
+
+
+def _sender_trusted(ancdata: list[tuple[int, int, bytes]]) -> bool:
+    """True if the datagram came from a process of our own uid (or root)."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            _, uid, _ = _CREDS.unpack(data[: _CREDS.size])
+            return uid in (os.geteuid(), 0)
+    return False
+
+
+def _someone_waits() -> bool:
+    """A yield request is honoured only while somebody really waits for a slot."""
+    from mppools import _config
+
+    limiter = _config.current()
+    return limiter is not None and limiter.waiting_flag()
 
 
 class Keeper:
@@ -50,12 +69,12 @@ class Keeper:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._starting = False  # one caller is starting the thread (outside the lock)
-        self._address: bytes | None = None
+        self._address: str | bytes | None = None
         self.yielded = 0
         self.expired = 0
 
     # bookkeeping ---------------------------------------------------------------------------
-    def track(self, token: int, conn: LimitedConnection, address: bytes | None) -> None:
+    def track(self, token: int, conn: LimitedConnection, address: str | bytes | None) -> None:
         """Remember that ``conn`` holds the slot ``token``; start the thread if needed."""
         with self._lock:
             self._held[token] = weakref.ref(conn)
@@ -83,12 +102,19 @@ class Keeper:
         return [c for c in (r() for r in refs) if c is not None]
 
     # the thread ----------------------------------------------------------------------------
-    def _prepare(self, address: bytes) -> threading.Thread | None:
+    def _prepare(self, address: str | bytes) -> threading.Thread | None:
         """Bind the socket and make (not start) the thread; None if the bind failed."""
         with self._lock:
             self._stop_locked()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
+                # the sender's credentials come with every datagram: only our own uid counts
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                if isinstance(address, str):
+                    # our own path (it names this process image): a leftover of a stopped
+                    # keeper of ours
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(address)
                 sock.bind(address)
             except OSError:
                 # another object of this process already serves that address (should not
@@ -104,11 +130,15 @@ class Keeper:
 
     def _stop_locked(self) -> None:
         self._stopping = True
-        sock, self._sock, self._thread, self._address = self._sock, None, None, None
+        sock, self._sock, self._thread = self._sock, None, None
+        address, self._address = self._address, None
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+            if isinstance(address, str):
+                with contextlib.suppress(OSError):
+                    os.unlink(address)
 
     def stop(self) -> None:
         """Stop the thread (used by ``mppools.close()``)."""
@@ -120,14 +150,14 @@ class Keeper:
         while not self._stopping:
             try:
                 sock.settimeout(self._next_sweep_in())
-                data = sock.recv(64)
+                data, ancdata, _, _ = sock.recvmsg(64, _CREDS_SPACE)
             except TimeoutError:
                 self._sweep_idle()
                 continue
             except OSError:
                 return  # closed by stop() or after fork
-            if len(data) == _REQUEST.size and data[:1] == b"y":
-                _, _index, token = _REQUEST.unpack(data)
+            token = _yield.decode(data)
+            if token is not None and _sender_trusted(ancdata) and _someone_waits():
                 self._yield_token(token)
 
     def _next_sweep_in(self) -> float:

@@ -7,9 +7,19 @@ checks the magic and the layout version and refuses anything else.
 
     offset 0            header (HEADER_SIZE bytes)
     slot map            capacity bytes (rounded up to 64): the state of each slot, FREE/BUSY/IDLE
-    slot records        capacity x SLOT_SIZE: pid, start ticks, token, since
+    slot records        capacity x SLOT_SIZE: pid, start ticks, token, since, owner, pid ns, proof
     waiter map          waiter_capacity bytes (rounded up to 64): FREE/WAITING/GRANTED
     waiter records      waiter_capacity x WAITER_SIZE
+
+Who holds an entry is proven by a *token*: an OFD lock (``F_OFD_SETLK``) that the holder keeps
+on one byte of the segment file far beyond its end (:data:`SLOT_TOKENS_AT` + slot index,
+:data:`WAITER_TOKENS_AT` + waiter index). The kernel drops it when the holder's last fd of its
+open file description closes, i.e. when the holder dies, in whatever PID or network namespace
+it runs; no /proc is needed to tell. A granted slot that its waiter has not picked up yet is
+proven by the waiter's token (``proof`` = waiter index + 1). ``owner`` is a random number per
+process image, so a process recognises its own entries (its own OFD locks never conflict with
+itself); ``pidns`` is the inode of the holder's PID namespace (0: unknown), so a waiter watches a
+holder's pidfd only where its pid means the same process.
 
 The states live in dense byte maps, apart from the records, so that counting and finding
 free entries is one contiguous copy and a C-level search, whatever the capacity.
@@ -29,14 +39,19 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "CREATOR_TOKEN_AT",
     "HEADER",
     "HEADER_SIZE",
     "LAYOUT_VERSION",
     "MAGIC",
+    "PRESSURE_DEBT",
+    "PRESSURE_WAITING",
     "SLOT",
     "SLOT_SIZE",
+    "SLOT_TOKENS_AT",
     "WAITER",
     "WAITER_SIZE",
+    "WAITER_TOKENS_AT",
     "Header",
     "SlotRecord",
     "SlotState",
@@ -47,20 +62,29 @@ __all__ = [
 ]
 
 MAGIC: Final = b"MPPOOLS\x00"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 
 # magic, version, header size, slot size, waiter size, capacity, waiter capacity, limit,
 # creator pid, flags, creator start, created at, generation, next token, reclaimed total,
-# timeouts total, acquired total, acquire timeout (-1: none), idle timeout (-1: none), uid
-HEADER: Final = struct.Struct("<8sIIIIIIIIIQdQQQQQddI")
+# timeouts total, acquired total, acquire timeout (-1: none), idle timeout (-1: none), uid,
+# pad, creator owner (see SlotRecord.owner)
+HEADER: Final = struct.Struct("<8sIIIIIIIIIQdQQQQQddI4xQ")
 HEADER_SIZE: Final = 256
-# state, pad, pid, start ticks, token, since (wall clock)
-SLOT: Final = struct.Struct("<B3xIQQd")
+# state, pad, pid, start ticks, token, since (wall clock), owner, pid ns, proof
+SLOT: Final = struct.Struct("<B3xIQQdQQI")
 SLOT_SIZE: Final = 64
 # state, pad, pid, start ticks, nonce (the waiter's socket), ticket (FIFO order),
-# granted slot index, pad, granted token
-WAITER: Final = struct.Struct("<B3xIQQQI4xQ")
-WAITER_SIZE: Final = 48
+# granted slot index, pad, granted token, owner, pid ns
+WAITER: Final = struct.Struct("<B3xIQQQI4xQQQ")
+WAITER_SIZE: Final = 64
+#: file offsets of the token bytes (OFD locks, never data): far beyond any segment's end
+SLOT_TOKENS_AT: Final = 1 << 40
+WAITER_TOKENS_AT: Final = 1 << 41
+#: the creator's token: held by the process that created (or adopted) the budget
+CREATOR_TOKEN_AT: Final = (1 << 40) - 1
+#: bits of the pressure byte (header offset FLAGS_AT), read by the warm path without a lock
+PRESSURE_WAITING: Final = 1
+PRESSURE_DEBT: Final = 2
 
 assert HEADER.size <= HEADER_SIZE
 assert SLOT.size <= SLOT_SIZE
@@ -101,6 +125,7 @@ class Header:
     acquire_timeout: float
     idle_timeout: float
     uid: int
+    creator_owner: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,16 @@ class SlotRecord:
     start: int
     token: int
     since: float
+    owner: int = 0
+    pidns: int = 0
+    proof: int = 0
+
+    @property
+    def token_at(self) -> int:
+        """The file offset of the OFD lock that proves this slot's holder alive."""
+        if self.proof:
+            return WAITER_TOKENS_AT + self.proof - 1
+        return SLOT_TOKENS_AT + self.index
 
 
 @dataclass(frozen=True)
@@ -123,6 +158,12 @@ class WaiterRecord:
     ticket: int
     granted_index: int
     granted_token: int
+    owner: int = 0
+    pidns: int = 0
+
+    @property
+    def token_at(self) -> int:
+        return WAITER_TOKENS_AT + self.index
 
 
 #: byte offsets of the header fields read or bumped on their own
@@ -138,6 +179,8 @@ _USED = re.compile(b"[^\x00]")
 _WAITING = re.compile(b"\x01")
 # the ticket's offset inside a waiter record (after state, pad, pid, start, nonce)
 _TICKET_OFFSET = struct.calcsize("<B3xIQQ")
+# the proof's offset inside a slot record (after state, pad, pid, start, token, since, owner, ns)
+_PROOF_OFFSET = struct.calcsize("<B3xIQQdQQ")
 
 
 def _round64(n: int) -> int:
@@ -172,7 +215,7 @@ class Table:
             self.buf, 0, h.magic, h.version, h.header_size, h.slot_size, h.waiter_size,
             h.capacity, h.waiter_capacity, h.limit, h.creator_pid, h.flags, h.creator_start,
             h.created_at, h.generation, h.next_token, h.reclaimed_total, h.timeouts_total,
-            h.acquired_total, h.acquire_timeout, h.idle_timeout, h.uid,
+            h.acquired_total, h.acquire_timeout, h.idle_timeout, h.uid, h.creator_owner,
         )
 
     @property
@@ -190,19 +233,26 @@ class Table:
         return self._slots_at + index * SLOT_SIZE
 
     def read_slot(self, index: int) -> SlotRecord:
-        _, pid, start, token, since = SLOT.unpack_from(self.buf, self.slot_offset(index))
+        _, pid, start, token, since, owner, pidns, proof = SLOT.unpack_from(
+            self.buf, self.slot_offset(index))
         return SlotRecord(index, SlotState(self.buf[self.slot_map_at + index]), pid, start,
-                          token, since)
+                          token, since, owner, pidns, proof)
 
     def write_slot(
-        self, index: int, state: SlotState, pid: int, start: int, token: int, since: float
+        self, index: int, state: SlotState, pid: int, start: int, token: int, since: float,
+        owner: int = 0, pidns: int = 0, proof: int = 0,
     ) -> None:
-        SLOT.pack_into(self.buf, self.slot_offset(index), state, pid, start, token, since)
+        SLOT.pack_into(self.buf, self.slot_offset(index), state, pid, start, token, since,
+                       owner, pidns, proof)
         self.buf[self.slot_map_at + index] = state
+
+    def set_slot_proof(self, index: int, proof: int) -> None:
+        """Point slot ``index``'s proof at its own token (0) or a waiter's (index + 1)."""
+        struct.pack_into("<I", self.buf, self.slot_offset(index) + _PROOF_OFFSET, proof)
 
     def clear_slot(self, index: int) -> None:
         self.buf[self.slot_map_at + index] = 0
-        SLOT.pack_into(self.buf, self.slot_offset(index), 0, 0, 0, 0, 0.0)
+        SLOT.pack_into(self.buf, self.slot_offset(index), 0, 0, 0, 0, 0.0, 0, 0, 0)
 
     def slot_states(self) -> bytes:
         """The state byte of every slot, in one contiguous copy."""
@@ -225,11 +275,11 @@ class Table:
         return self._waiters_at + index * WAITER_SIZE
 
     def read_waiter(self, index: int) -> WaiterRecord:
-        _, pid, start, nonce, ticket, gidx, gtoken = WAITER.unpack_from(
+        _, pid, start, nonce, ticket, gidx, gtoken, owner, pidns = WAITER.unpack_from(
             self.buf, self.waiter_offset(index)
         )
         state = WaiterState(self.buf[self._wmap_at + index])
-        return WaiterRecord(index, state, pid, start, nonce, ticket, gidx, gtoken)
+        return WaiterRecord(index, state, pid, start, nonce, ticket, gidx, gtoken, owner, pidns)
 
     def write_waiter(
         self,
@@ -241,16 +291,18 @@ class Table:
         ticket: int,
         granted_index: int = 0,
         granted_token: int = 0,
+        owner: int = 0,
+        pidns: int = 0,
     ) -> None:
         WAITER.pack_into(
             self.buf, self.waiter_offset(index), state, pid, start, nonce, ticket,
-            granted_index, granted_token,
+            granted_index, granted_token, owner, pidns,
         )
         self.buf[self._wmap_at + index] = state
 
     def clear_waiter(self, index: int) -> None:
         self.buf[self._wmap_at + index] = 0
-        WAITER.pack_into(self.buf, self.waiter_offset(index), 0, 0, 0, 0, 0, 0, 0)
+        WAITER.pack_into(self.buf, self.waiter_offset(index), 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def waiter_states(self) -> bytes:
         return self.buf[self._wmap_at : self._wmap_at + self.waiter_capacity].tobytes()

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 import mppools
-from mppools._limiter import _posix
+from mppools._limiter import posix as _posix
 
 
 def _remove(name: str) -> None:
     for path in (f"/dev/shm/mppools.{name}", f"/dev/shm/sem.mppools.{name}.free"):
         if os.path.exists(path):
             os.unlink(path)
+    shutil.rmtree(f"/dev/shm/mppools.{name}.d", ignore_errors=True)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import mppools
 from mppools.__main__ import main as console_main
 from mppools._limiter._base import BudgetStats, HolderStats
-from mppools._limiter._posix import PosixLimiter, exists
+from mppools._limiter.posix import PosixLimiter, exists
 from mppools.cli import main, render_prometheus
 
 METRICS = (

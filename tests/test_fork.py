@@ -84,7 +84,7 @@ def test_fork_while_another_thread_holds_the_locks(budget_name: str) -> None:
     leave = threading.Event()
 
     def hold() -> None:
-        with limiter._tlock, pool._resource.mutex:
+        with limiter._mutex._tlock, pool._resource.mutex:
             entered.set()
             leave.wait(20)
 

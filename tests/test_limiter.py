@@ -24,7 +24,7 @@ from mppools._errors import (
     NotConfiguredError,
     PermissionDeniedError,
 )
-from mppools._limiter._posix import PosixLimiter
+from mppools._limiter.posix import PosixLimiter
 from mppools._slots import SlotState
 
 pytestmark = pytest.mark.timeout(60)
@@ -241,7 +241,7 @@ def test_crash_inside_the_critical_section(budget_name: str, point: str) -> None
             limiter.acquire()
         else:
             slot = limiter.acquire()
-            limiter._set_semaphore_locked = lambda *a: os._exit(0)  # type: ignore[method-assign]
+            limiter._books.set_semaphore = lambda *a: os._exit(0)  # type: ignore[method-assign]
             limiter.release(slot)
 
     pid = os.fork()
@@ -522,9 +522,10 @@ def test_recovery_adopts_a_budget_with_orphaned_live_workers(budget_name: str) -
     orphan = Worker(holder_handlers(limiter))
     try:
         orphan.call("acquire")
-        # make the creator look dead: a pid that does not exist
+        # make the creator look dead: another process image's budget, whose creator token
+        # goes with our fd when we close it
         header = limiter._table.read_header()
-        header.creator_pid, header.creator_start = 2**22 + 1, 1
+        header.creator_pid, header.creator_start, header.creator_owner = 2**22 + 1, 1, 12345
         limiter._table.write_header(header)
         limiter.close()
         mppools.configure(limit=2, name=budget_name)

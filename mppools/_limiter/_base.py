@@ -104,6 +104,25 @@ class Limiter(abc.ABC):
         """True if someone waits for a slot or the budget is over its limit (cheap read)."""
         return False
 
+    def waiting_flag(self) -> bool:
+        """True if someone waits for a slot now (cheap read): idle yields are honoured only
+        then."""
+        return False
+
+    def in_debt(self) -> bool:
+        """True if more slots are held than the limit (after a forced shrink; cheap read)."""
+        return False
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds after which idle pooled connections are closed (None: never)."""
+        return None
+
+    @property
+    def acquire_timeout(self) -> float | None:
+        """The wait bound of an acquire without an explicit timeout (None: forever)."""
+        return None
+
     def mark_busy(self, slot: Slot) -> None:  # noqa: B027 - optional hook
         """Note that the connection holding ``slot`` is in use (cheap)."""
 
@@ -129,9 +148,13 @@ class Limiter(abc.ABC):
     def limit(self) -> int:
         """The current limit (a memory read)."""
 
-    def keeper_address(self) -> bytes | None:
+    def keeper_address(self) -> str | bytes | None:
         """Where this process receives idle-yield requests, or None if the backend has none."""
         return None
+
+    def is_creator(self) -> bool:
+        """True if this process created (or adopted) the budget and so removes it at exit."""
+        return False
 
     def after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
         """Rebuild in-process state in a forked child (called by the fork handler)."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from mppools import _config
 from mppools._limiter._base import BudgetStats
-from mppools._limiter._posix import PosixLimiter, list_budgets
+from mppools._limiter.posix import PosixLimiter, list_budgets
 
 __all__ = [
     "EXIT_FAILURE",

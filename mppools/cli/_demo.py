@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import mppools
 from mppools._errors import LimitExceeded
 from mppools._limiter._base import BudgetStats
-from mppools._limiter._posix import exists, validate_name
+from mppools._limiter.posix import exists, validate_name
 from mppools.cli._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
