@@ -10,7 +10,13 @@ transport connects and given back after it is closed.
 What differs from kombu.pools, on purpose:
 
 * ``acquire(block=True, timeout=t)`` bounds the wait for the shared slot too; a producer
-  pool's ``timeout`` also bounds getting its connection (kombu waits forever there).
+  pool's ``timeout`` also bounds getting its connection (kombu waits forever there). The
+  deadline is passed along explicitly, never kept in a thread-local, so greenlets of one
+  thread (gevent, eventlet) each keep their own. Timeouts are validated: None or a finite
+  number of seconds (see :mod:`mppools._validate`).
+* One connection never has two holders: releasing a connection that is not out is a no-op,
+  and a producer forgets its connection when it is released (kombu's ``Resource.acquire``
+  re-releases a failed producer's previous connection, which may be another thread's by then).
 * The after-fork cleanup runs after *every* fork (``os.register_at_fork``), not only for
   multiprocessing children, and never closes an inherited connection by protocol.
 * ``set_limit(limit, force, reset_after, ignore_errors)`` honours all its arguments.
@@ -19,12 +25,11 @@ What differs from kombu.pools, on purpose:
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import weakref
 from collections.abc import Iterator
 from itertools import chain
-from queue import LifoQueue
+from queue import Empty, LifoQueue
 from typing import Any
 
 from kombu import pools as _kombu_pools
@@ -39,6 +44,7 @@ from mppools._errors import ConfigurationError
 from mppools._keeper import keeper
 from mppools._limiter._base import Limiter, Slot
 from mppools._transports import transport_for
+from mppools._validate import check_limit, check_local_limit, check_wait_timeout
 
 __all__ = [
     "Connections",
@@ -63,8 +69,10 @@ disable_limit_protection = _kombu_pools.disable_limit_protection
 
 _limit = [10]
 _BUSY, _IDLE = 1, 2  # mppools._slots.SlotState values, as plain ints for the warm path
+#: bit of the pressure byte set while the budget is over its limit (mppools._slots.PRESSURE_DEBT;
+#: bit 0 means someone waits)
+_DEBT = 2
 _groups: list[PoolGroup] = []
-_deadline = threading.local()
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -195,25 +203,47 @@ class LimitedConnectionPool(ConnectionPool):
     def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
         """Take a connection from the local pool, then a slot of the budget if it has none.
 
+        A pooled connection is reused with the slot it holds, unless the budget is over its
+        limit (after ``set_limit(n, force=True)``): then it is closed, which pays the debt,
+        and the next one is taken the same way.
+
         Raises:
             LimitExceeded: the local pool (kombu's ``ConnectionLimitExceeded``) or the shared
                 budget had nothing free in time.
+            ConfigurationError: ``timeout`` is not None or a finite number of seconds >= 0.
         """
+        if timeout is not None:
+            timeout = check_wait_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        conn = super().acquire(block=block, timeout=timeout)
-        at = conn._mppools_at
-        if at >= 0:
-            # the warm path: a pooled connection that still holds its slot; one byte store
-            # into this process's own record, no lock, no syscall
-            try:
-                conn._mppools_view[at] = _BUSY
-            except ValueError:  # the budget was closed meanwhile (mppools.close())
-                conn._mppools_view, conn._mppools_at = None, -1
-            return conn
-        slot = conn._mppools_slot
-        if slot is not None:
-            conn._mppools_limiter.mark_busy(slot)
-            return conn
+        while True:
+            conn = super().acquire(block=block, timeout=timeout)
+            at = conn._mppools_at
+            if at >= 0:
+                # the warm path: a pooled connection that still holds its slot; one byte read
+                # of the pressure flag, one byte store into this process's own record, no
+                # lock, no syscall
+                view = conn._mppools_view
+                try:
+                    if not view[conn._mppools_pressure_at] & _DEBT:
+                        view[at] = _BUSY
+                        return conn
+                except ValueError:  # the budget was closed meanwhile (mppools.close())
+                    conn._mppools_view, conn._mppools_at = None, -1
+                    return conn
+            else:
+                slot = conn._mppools_slot
+                if slot is None:
+                    break
+                limiter = conn._mppools_limiter
+                if not limiter.in_debt():
+                    limiter.mark_busy(slot)
+                    return conn
+            # in debt: this slot is one too many; closing gives it back, which pays the
+            # debt, and the connection goes last in the pool (it reconnects on demand)
+            conn._mppools_close_taken()
+            self._requeue_last(conn)
+            if deadline is not None:
+                timeout = _remaining(deadline)
         if _config._limiter is None:
             return conn
         try:
@@ -230,7 +260,26 @@ class LimitedConnectionPool(ConnectionPool):
         conn._mppools_idle_since = None
         return conn
 
+    def _requeue_last(self, conn: LimitedConnection) -> None:
+        """Put back a connection taken by acquire() where the pool takes it last."""
+        self._dirty.discard(conn)
+        queue = self._resource
+        with queue.mutex:
+            queue.queue.insert(0, conn)
+            queue.unfinished_tasks += 1
+            queue.not_empty.notify()
+
     def release(self, resource: Any) -> None:
+        """Give a connection back to the pool (closing it if its slot is wanted elsewhere).
+
+        Releasing a connection that is not out (released already, or replaced) is a no-op:
+        queueing it twice would hand it to two holders.
+        """
+        if self.limit:
+            try:
+                self._dirty.remove(resource)
+            except KeyError:
+                return
         at = resource._mppools_at
         if at >= 0:
             view = resource._mppools_view
@@ -250,7 +299,12 @@ class LimitedConnectionPool(ConnectionPool):
             else:
                 resource._mppools_idle_since = time.monotonic()
                 limiter.mark_idle(slot=resource._mppools_slot)
-        super().release(resource)
+        # kombu's Resource.release, minus the discard done above
+        if self.limit:
+            self._resource.put_nowait(resource)
+            self.release_resource(resource)
+        else:
+            self.close_resource(resource)
 
     def _after_fork_in_child(self) -> None:
         inherited = [*self._dirty, *self._resource.queue]
@@ -288,25 +342,103 @@ class ProducerPool(_kombu_pools.ProducerPool):
         """Take a producer; with ``timeout``, the whole call (its connection and slot
         included) waits at most that long.
 
+        kombu's ``Resource.acquire``, with the deadline handed explicitly to preparing the
+        producer (kombu's ``prepare()`` has no room for it; a thread-local would be shared by
+        every greenlet of the thread), and a failed prepare that gives back only what it took.
+
         Raises:
             LimitExceeded: nothing free in time.
+            ConfigurationError: ``timeout`` is not None or a finite number of seconds >= 0.
         """
-        if timeout is None:
-            return super().acquire(block=block, timeout=None)
-        # the deadline reaches _acquire_connection() (called by kombu's prepare) through a
-        # thread-local: kombu's signature has no room for it
-        previous = getattr(_deadline, "value", None)
-        _deadline.value = time.monotonic() + timeout
-        try:
-            return super().acquire(block=block, timeout=timeout)
-        finally:
-            _deadline.value = previous
+        if timeout is not None:
+            timeout = check_wait_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._closed:
+            raise RuntimeError("Acquire on closed pool")
+        if self.limit:
+            while True:
+                try:
+                    R = self._resource.get(block=block, timeout=_remaining(deadline))
+                except Empty:
+                    self._add_when_empty()
+                    continue
+                try:
+                    R = self._prepare(R, deadline)
+                except BaseException:
+                    # whatever _prepare took it gave back; the producer (or its placeholder)
+                    # goes back to the queue, holding no connection
+                    self._resource.put_nowait(R)
+                    raise
+                self._dirty.add(R)
+                break
+        else:
+            R = self._prepare(self.new(), deadline)
 
-    def _acquire_connection(self) -> Any:
-        deadline = getattr(_deadline, "value", None)
+        def release() -> None:
+            self.release(R)
+
+        R.release = release
+        return R
+
+    def prepare(self, p: Any) -> Any:
+        return self._prepare(p, None)
+
+    def _prepare(self, p: Any, deadline: float | None) -> Any:
+        if isinstance(p, lazy):
+            # a placeholder of new(): make the producer with the caller's deadline
+            p = self._create_producer(deadline)
+        elif callable(p):
+            p = p()
+        if p._channel is None:
+            conn = self._acquire_connection(deadline)
+            try:
+                p.revive(conn)
+            except BaseException:
+                p.__connection__ = None
+                conn.release()
+                raise
+        return p
+
+    def create_producer(self) -> Any:
+        return self._create_producer(None)
+
+    def _create_producer(self, deadline: float | None) -> Any:
+        conn = self._acquire_connection(deadline)
+        try:
+            return self.Producer(conn)
+        except BaseException:
+            conn.release()
+            raise
+
+    def _acquire_connection(self, deadline: float | None = None) -> Any:
         if deadline is None:
             return self.connections.acquire(block=True)
         return self.connections.acquire(block=True, timeout=_remaining(deadline))
+
+    def release(self, resource: Any) -> None:
+        """Give a producer back; its connection goes back to its pool and is forgotten.
+
+        A producer that is queued already (released twice) is left alone.
+        """
+        connection, resource.__connection__ = resource.__connection__, None
+        if connection:
+            connection.release()
+        resource.channel = None
+        if self.limit:
+            try:
+                self._dirty.remove(resource)
+            except KeyError:
+                if self._queued(resource):
+                    return
+            self._resource.put_nowait(resource)
+            self.release_resource(resource)
+        else:
+            self.close_resource(resource)
+
+    def _queued(self, resource: Any) -> bool:
+        queue = self._resource
+        with queue.mutex:
+            return any(item is resource for item in queue.queue)
 
     def _after_fork_in_child(self) -> None:
         # producers hold channels of inherited connections: forget them, no I/O (kept
@@ -393,7 +525,9 @@ def set_limit(
 ) -> int:
     """Set the pool limit; when configured, the shared budget's limit for every process.
 
-    Growing is immediate. Shrinking below what is in use raises ``RuntimeError``
+    ``limit`` is an int from 1 to 65,536 when configured (up to the budget's capacity);
+    unconfigured, also 0 or None (no limit). Growing is immediate. Shrinking below what is in
+    use raises ``RuntimeError``
     (:class:`~mppools.BudgetInUseError`) unless ``force``; with ``force`` the budget stays
     over the new limit only until holders give slots back (idle ones are asked to at once).
     ``reset_after`` closes this process's pooled connections afterwards; ``ignore_errors``
@@ -407,7 +541,9 @@ def set_limit(
             raise ConfigurationError(
                 f"the shared budget {limiter.name!r} needs a positive limit, not {limit!r}"
             )
-        limiter.resize(limit, force=force)
+        limiter.resize(check_limit(limit), force=force)
+    else:
+        limit = check_local_limit(limit)
     limit = limit or 0
     if limit != (_limit[0] or 0) or limiter is not None:
         _limit[0] = limit
