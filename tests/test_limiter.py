@@ -631,3 +631,110 @@ def test_one_fd_per_process_and_segment(budget_name: str) -> None:
     assert not limiter._closed
     with pytest.raises(ConfigurationError, match="open in this process with limit 2"):
         PosixLimiter.open(budget_name, create=True, limit=5)
+
+
+def _hold_in_children(limiter: PosixLimiter, n: int) -> tuple[list[int], int]:
+    """Fork ``n`` children that each take one slot and keep it until the returned write end
+    of their pipe closes. Returns (pids, write fd)."""
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.close(w)
+                limiter.acquire(timeout=10)
+                os.write(ready_w, b"k")
+                os.read(r, 1)  # until the parent closes its end
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(r)
+    os.close(ready_w)
+    got = b""
+    deadline = time.monotonic() + 30
+    while len(got) < n and time.monotonic() < deadline:
+        chunk = os.read(ready_r, n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    os.close(ready_r)
+    assert len(got) == n, f"only {len(got)} of {n} holders got their slot"
+    return pids, w
+
+
+@pytest.mark.timeout(90)
+def test_many_waiting_threads_against_many_holders_stay_within_the_fd_limit(
+    budget_name: str,
+) -> None:
+    """20 waiting threads, 70 holders and a 256-fd limit: the waits end with LimitExceeded,
+    never a raw EMFILE (one pidfd watcher per process, shared by its waiting threads)."""
+    limiter = mppools.configure(limit=70, name=budget_name, idle_timeout=None)
+    pids, release_w = _hold_in_children(limiter, 70)
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                import resource
+
+                os.close(r)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+                outcomes: list[str] = []
+                peak = [0]
+                stop = threading.Event()
+
+                def sample() -> None:
+                    while not stop.wait(0.01):
+                        peak[0] = max(peak[0], len(os.listdir("/proc/self/fd")))
+
+                def wait_once() -> None:
+                    try:
+                        limiter.acquire(timeout=1.5)
+                        outcomes.append("got")
+                    except mppools.LimitExceeded:
+                        outcomes.append("exceeded")
+                    except BaseException as exc:
+                        outcomes.append(repr(exc))
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                threads = [threading.Thread(target=wait_once) for _ in range(20)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(20)
+                stop.set()
+                sampler.join(5)
+                os.write(w, repr((sorted(outcomes), peak[0])).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        outcomes, peak = eval(data.decode())  # our own child's repr of (list, int)
+        assert outcomes == ["exceeded"] * 20
+        assert peak < 200, f"waiting cost {peak} fds"
+    finally:
+        os.close(release_w)
+        for p in pids:
+            os.waitpid(p, 0)
+
+
+def test_non_blocking_acquire_audits_before_refusing(budget_name: str) -> None:
+    """block=False must not refuse while the only holders are dead."""
+    limiter = mppools.configure(limit=1, name=budget_name)
+    holder = Worker(holder_handlers(limiter))
+    holder.call("acquire")
+    holder.kill()
+    slot = limiter.acquire(block=False)
+    assert mppools.stats().reclaimed_total == 1
+    limiter.release(slot)

@@ -388,6 +388,7 @@ class PosixLimiter(Limiter):
         nonce, sock = _wait.bind_waiter(self.name)
         windex = -1
         watched: dict[tuple[int, int], int] = {}
+        unwatchable: set[tuple[int, int]] = set()
         try:
             audit = False
             while True:
@@ -417,8 +418,11 @@ class PosixLimiter(Limiter):
                 if deadline is not None and now >= deadline:
                     break
                 wait_for = _wait.SLICE if deadline is None else min(_wait.SLICE, deadline - now)
-                watched, gone = self._rewatch(watched, holders, me)
+                watched, gone = self._rewatch(watched, holders, me, unwatchable)
                 if gone:
+                    # audit once for them; if their tokens say they live on (a process that
+                    # shares their open file description), leave them to the slices
+                    unwatchable |= gone
                     audit = True
                     continue
                 woken, died = _wait.sleep(sock, watched.values(), wait_for)
@@ -446,11 +450,13 @@ class PosixLimiter(Limiter):
 
     @staticmethod
     def _rewatch(
-        watched: dict[tuple[int, int], int], holders: list[SlotRecord], me: Me
-    ) -> tuple[dict[tuple[int, int], int], bool]:
+        watched: dict[tuple[int, int], int], holders: list[SlotRecord], me: Me,
+        unwatchable: set[tuple[int, int]],
+    ) -> tuple[dict[tuple[int, int], int], set[tuple[int, int]]]:
         """Watch the pidfds of the holders this process can see (same PID namespace)."""
         visible = {(r.pid, r.start) for r in holders
                    if me.pidns and r.pidns == me.pidns and r.owner != me.owner}
+        visible -= unwatchable
         stale = [k for k in watched if k not in visible]
         _watcher.unwatch(stale)
         kept = {k: fd for k, fd in watched.items() if k in visible}

@@ -19,9 +19,9 @@ import errno
 import os
 import secrets
 import socket
-import threading
 from collections.abc import Iterable
 
+from mppools import _green
 from mppools._liveness import is_alive
 
 from ._names import waiter_path
@@ -34,25 +34,9 @@ SLICE = 0.1
 MAX_WATCHED = 64
 
 
-def _new_lock() -> threading.Lock:
-    try:
-        from mppools._green import Lock
-    except ImportError:  # pragma: no cover - transitional
-        return threading.Lock()
-    return Lock()  # type: ignore[return-value]
-
-
-def _wait_readable(fds: list[int], timeout: float) -> list[int]:
-    try:
-        from mppools._green import wait_readable
-    except ImportError:  # pragma: no cover - transitional
-        import select
-
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        return [fd for fd, _ in poller.poll(max(timeout, 0.0) * 1000.0)]
-    return wait_readable(fds, max(timeout, 0.0))
+def _new_lock() -> _green.Lock:
+    """An in-process lock that turns cooperative once gevent/eventlet patched threading."""
+    return _green.Lock()
 
 
 class Watcher:
@@ -62,14 +46,18 @@ class Watcher:
         self._lock = _new_lock()
         self._fds: dict[tuple[int, int], list[int]] = {}  # ident -> [fd, users]
 
-    def watch(self, idents: Iterable[tuple[int, int]]) -> tuple[dict[tuple[int, int], int], bool]:
+    def watch(
+        self, idents: Iterable[tuple[int, int]]
+    ) -> tuple[dict[tuple[int, int], int], set[tuple[int, int]]]:
         """Take a reference on a pidfd for each of ``idents`` (pid, start ticks) it can.
 
-        Returns the fds taken and whether one of the holders is already gone (audit now).
-        Holders left out (cap reached, EMFILE, no pidfd support) are for the slices.
+        Returns the fds taken and the holders already gone or not the recorded process any
+        more (worth an audit now). Holders left out otherwise (cap reached, out of fds, no
+        pidfd support, /proc unreadable) are left to the slices: a failed look-up never
+        counts as a death, the tokens decide that.
         """
         taken: dict[tuple[int, int], int] = {}
-        gone = False
+        gone: set[tuple[int, int]] = set()
         with self._lock:
             for ident in idents:
                 entry = self._fds.get(ident)
@@ -82,15 +70,20 @@ class Watcher:
                 try:
                     fd = os.pidfd_open(ident[0])
                 except ProcessLookupError:
-                    gone = True
+                    gone.add(ident)
                     continue
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                         break  # out of fds: the rest wait for the slices
                     continue  # no pidfd here (old kernel, seccomp): slices
-                if not is_alive(*ident):  # the pid was reused, or it is exiting
+                try:
+                    same = is_alive(*ident)
+                except Exception:  # /proc unreadable now (out of fds): no judgement
                     os.close(fd)
-                    gone = True
+                    continue
+                if not same:  # the pid was reused, or it is exiting
+                    os.close(fd)
+                    gone.add(ident)
                     continue
                 self._fds[ident] = [fd, 1]
                 taken[ident] = fd
@@ -154,7 +147,7 @@ def sleep(sock: socket.socket, fds: Iterable[int], timeout: float) -> tuple[bool
     Returns ``(woken, holder died)``. Wake-up datagrams are drained.
     """
     sfd = sock.fileno()
-    ready = _wait_readable([sfd, *fds], timeout)
+    ready = _green.wait_readable([sfd, *fds], max(timeout, 0.0))
     woken = sfd in ready
     died = any(fd != sfd for fd in ready)
     if woken:
