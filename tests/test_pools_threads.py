@@ -182,6 +182,67 @@ def test_many_threads_on_redis_never_share_a_connection(budget_name: str,
     assert mppools.stats().in_use <= 2
 
 
+# -- item 8: a slot in debt is not reused warm ------------------------------------------------
+
+class _NoKeeper:
+    """Stands in for the keeper thread: the idle connections are never yielded by it, so only
+    the pools themselves can pay a debt."""
+
+    def track(self, *args: object) -> None:
+        pass
+
+    def untrack(self, *args: object) -> None:
+        pass
+
+
+def test_a_connection_in_debt_is_not_reused_warm(budget_name: str) -> None:
+    """After a forced shrink below what is held, the next acquire of a process whose idle
+    pooled connections hold the excess closes one (paying the debt) instead of reusing it;
+    from then on the budget never holds more than the new limit."""
+    from forkutil import Worker
+
+    mppools.configure(limit=2, name=budget_name, acquire_timeout=5, idle_timeout=None)
+    state: dict[str, object] = {}
+
+    def hold_idle() -> None:
+        pools.keeper = _NoKeeper  # type: ignore[attr-defined]
+        pool = pools.connections[Connection("memory://")]
+        a = pool.acquire(block=True, timeout=5)
+        b = pool.acquire(block=True, timeout=5)
+        a.connect()
+        b.connect()
+        a.release()
+        b.release()  # both idle in this process's pool, each holding a slot
+        state["pool"] = pool
+
+    def use(rounds: int) -> list[tuple[int, bool, int]]:
+        pool = state["pool"]
+        seen = []
+        for _ in range(rounds):
+            c = pool.acquire(block=True, timeout=5)  # type: ignore[attr-defined]
+            c.connect()
+            seen.append((id(c), c._mppools_slot is not None, mppools.stats().in_use))
+            c.release()
+        return seen
+
+    child = Worker({"hold_idle": hold_idle, "use": use})
+    try:
+        child.call("hold_idle")
+        assert mppools.stats().in_use == 2
+        mppools.set_limit(1, force=True)
+        assert mppools.stats().debt == 1
+        seen = child.call("use", 1)
+        _, first_holds, first_in_use = seen[0]
+        assert first_in_use <= 1, f"a slot in debt was reused warm: {seen}"
+        assert first_holds
+        seen += child.call("use", 4)
+        assert all(in_use <= 1 for _, _, in_use in seen), seen
+        stats = mppools.stats()
+        assert stats.in_use <= 1 and stats.debt == 0
+    finally:
+        child.kill()
+
+
 # -- item 2: each greenlet's deadline is its own ---------------------------------------------
 
 _GEVENT_SCRIPT = r"""
