@@ -9,6 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# decoy budgets (healthy, broken, another user's) on the host for the whole session;
+# MPPOOLS_TEST_NO_DECOYS=1 turns them off (see tests/support/decoys.py)
+from support.decoys import decoy_budgets  # noqa: F401
+
 import mppools
 from mppools._limiter import posix as _posix
 
