@@ -7,12 +7,12 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from .proxy import rewrite_url
 from .servers import stop_process_tree
+from .waiting import wait_until
 
 _HERE = Path(__file__).resolve().parent
 
@@ -84,12 +84,7 @@ class ProxyProcess:
         return [(float(t), int(n)) for t, n in self.ask("history")]
 
     def wait_current(self, n: int, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.current == n:
-                return True
-            time.sleep(0.05)
-        return self.current == n
+        return wait_until(lambda: self.current == n, timeout)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

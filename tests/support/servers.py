@@ -96,7 +96,9 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _as_psutil(proc: int | psutil.Process | subprocess.Popen[bytes]) -> psutil.Process | None:
+def _as_psutil(
+    proc: int | psutil.Process | subprocess.Popen[bytes] | subprocess.Popen[str],
+) -> psutil.Process | None:
     try:
         if isinstance(proc, psutil.Process):
             return proc
@@ -138,7 +140,7 @@ def _terminate_procs(procs: Iterable[psutil.Process], timeout: float = 5.0) -> l
 
 
 def stop_process_tree(
-    proc: int | psutil.Process | subprocess.Popen[bytes],
+    proc: int | psutil.Process | subprocess.Popen[bytes] | subprocess.Popen[str],
     timeout: float = 5.0,
     extra: Iterable[psutil.Process] = (),
 ) -> list[psutil.Process]:

@@ -25,21 +25,12 @@ from kombu.connection import Connection as KombuConnection
 from .proxy import CountingProxy
 from .proxy_process import ProxyProcess
 from .servers import LOCALHOST, RabbitMQServer, RedisServer, free_port
+from .waiting import wait_until
 
 LOOPBACK = {"127.0.0.1", "::1"}
 
 
 # ----------------------------------------------------------------- helpers
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-
-
 def listening_addresses(pid: int) -> set[str]:
     """IP addresses that *pid* and its descendants listen on."""
     root = psutil.Process(pid)
