@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 from mppools import _fork
 from mppools._errors import (
@@ -26,6 +27,7 @@ from mppools._validate import check_limit, check_timeout
 
 __all__ = [
     "DEFAULT_ACQUIRE_TIMEOUT",
+    "DEFAULT_HOLD_QUANTUM",
     "DEFAULT_IDLE_TIMEOUT",
     "attach",
     "close",
@@ -38,6 +40,10 @@ logger = logging.getLogger("mppools")
 
 #: well below gunicorn's default 30 s worker timeout, so a blocked worker fails cleanly
 DEFAULT_ACQUIRE_TIMEOUT = 10.0
+#: under contention a connection in active use is handed on at most once per this many
+#: seconds (see docs/concepts.md, "Contention"); idle ones are handed on at once
+DEFAULT_HOLD_QUANTUM = 0.2
+MAX_HOLD_QUANTUM = 60.0
 #: idle pooled connections older than this are closed and their slots given back
 DEFAULT_IDLE_TIMEOUT = 300.0
 
@@ -50,6 +56,7 @@ class _Settings:
     idle_timeout: float | None
     capacity: int | None
     mode: int
+    hold_quantum: float = 0.0
     generated: bool = False  # the name was made up by configure()
 
 
@@ -80,6 +87,7 @@ def configure(
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     capacity: int | None = None,
     mode: int = 0o600,
+    hold_quantum: float = DEFAULT_HOLD_QUANTUM,
 ) -> Limiter:
     """Give this process, and every process it forks from now on, one budget of ``limit``.
 
@@ -89,14 +97,19 @@ def configure(
 
     ``name`` defaults to a fresh name, ``"pid<master pid>-<random>"``, that no other user can
     predict and squat; give an explicit name to let exec'd processes :func:`attach`. If a
-    budget of that name exists, this joins it when its creator is alive and the limit matches (a gunicorn binary upgrade), or recovers it in place when its
-    creator died (leftovers of a SIGKILLed master). Calling it again with the same arguments
+    budget of that name exists, this joins it when its creator is alive and the limit matches
+    (a gunicorn binary upgrade), or recovers it in place when its creator died (leftovers of a
+    SIGKILLed master). Calling it again with the same arguments
     returns the same budget.
 
     ``acquire_timeout`` (seconds, None = forever) bounds every slot wait that has no explicit
     timeout; ``idle_timeout`` closes pooled connections idle for longer; ``capacity`` is the
     largest limit :func:`set_limit` may grow to (default ``max(1024, limit)``); ``mode`` the
-    permission bits of the shared objects (owner-only by default).
+    permission bits of the shared objects (owner-only by default). ``hold_quantum`` (seconds)
+    is how long a connection in active use keeps its slot while others wait before it is
+    handed on: under contention each slot changes hands at most once per quantum, so the
+    connections carry messages rather than handshakes; an idle connection is handed on at
+    once whatever the quantum (0: hand on at every release).
 
     Raises:
         ConfigurationError: an invalid argument (nothing is created), or a budget of that name
@@ -115,15 +128,21 @@ def configure(
     acquire_timeout = check_timeout("acquire_timeout", acquire_timeout)
     idle_timeout = check_timeout("idle_timeout", idle_timeout)
     if capacity is not None:
-        check_limit(capacity)
+        check_limit(capacity, "capacity")
         if capacity < limit:
             raise ConfigurationError(f"capacity {capacity} is below limit {limit}")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ConfigurationError(f"mode must be permission bits like 0o600, not {mode!r}")
     if mode & 0o600 != 0o600:
         raise ConfigurationError(f"mode {mode:#o} must let the owner read and write")
+    quantum = check_timeout("hold_quantum", hold_quantum)
+    if quantum is None or quantum > MAX_HOLD_QUANTUM:
+        raise ConfigurationError(
+            f"hold_quantum must be a number of seconds from 0 to {MAX_HOLD_QUANTUM:g}, "
+            f"not {hold_quantum!r}"
+        )
     _check_platform()
-    wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode)
+    wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode, quantum)
     with _lock:
         if _settings is not None and _limiter is not None:
             if _settings == wanted or (name is None and _settings.generated and
@@ -137,14 +156,14 @@ def configure(
             )
         from mppools._limiter.posix import PosixLimiter
 
+        options: dict[str, Any] = {
+            "limit": limit, "capacity": capacity, "acquire_timeout": acquire_timeout,
+            "idle_timeout": idle_timeout, "mode": mode, "hold_quantum": quantum}
         if name is None:
-            limiter = _create_unnamed(limit, capacity, acquire_timeout, idle_timeout, mode)
+            limiter = _create_unnamed(options)
             wanted = replace(wanted, name=limiter.name, generated=True)
         else:
-            limiter = PosixLimiter.open(
-                name, create=True, limit=limit, capacity=capacity,
-                acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
-            )
+            limiter = PosixLimiter.open(name, create=True, **options)
         _warn_if_pools_hold_connections()
         _limiter, _settings = limiter, wanted
         if limiter.is_creator():
@@ -152,20 +171,14 @@ def configure(
         return limiter
 
 
-def _create_unnamed(
-    limit: int, capacity: int | None, acquire_timeout: float | None,
-    idle_timeout: float | None, mode: int,
-) -> Limiter:
+def _create_unnamed(options: dict[str, Any]) -> Limiter:
     """A new budget under a generated name nobody could have squatted in advance."""
     from mppools._limiter.posix import PosixLimiter, default_name
 
     for _ in range(16):
         try:
-            return PosixLimiter.open(
-                default_name(), create=True, limit=limit, capacity=capacity,
-                acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
-                exclusive=True,
-            )
+            return PosixLimiter.open(default_name(), create=True, exclusive=True,
+                                     **options)
         except FileExistsError:  # pragma: no cover - 48 random bits
             continue
     raise ConfigurationError("could not find a free budget name in 16 tries")  # pragma: no cover

@@ -18,8 +18,8 @@ address, the first time the child takes a slot.
 from __future__ import annotations
 
 import contextlib
-import os
 import logging
+import os
 import socket
 import struct
 import threading
@@ -27,7 +27,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from mppools import _fork, _yield, _green
+from mppools import _fork, _green, _yield
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -36,6 +36,9 @@ __all__ = ["Keeper", "keeper"]
 
 logger = logging.getLogger("mppools")
 
+#: how long a pooled connection must have sat unused before a yield request closes it
+#: while its hold quantum runs (a busy loop's gaps between uses are microseconds)
+IDLE_GRACE = 0.002
 _CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size)
 
@@ -65,6 +68,8 @@ class Keeper:
         # that yields while holding a real lock would block every greenlet of its thread
         self._lock = _green.Lock()
         self._held: dict[int, weakref.ref[LimitedConnection]] = {}
+        #: yield requests to look at again when their connection may yield (keeper thread)
+        self._deferred: dict[int, float] = {}
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -147,12 +152,22 @@ class Keeper:
             self._held.clear()
 
     def _run(self, sock: socket.socket) -> None:
+        sweep_at = time.monotonic() + self._next_sweep_in()
         while not self._stopping:
+            now = time.monotonic()
+            due = min([sweep_at, *self._deferred.values()])
             try:
-                sock.settimeout(self._next_sweep_in())
+                sock.settimeout(max(due - now, 0.0))
                 data, ancdata, _, _ = sock.recvmsg(64, _CREDS_SPACE)
             except TimeoutError:
-                self._sweep_idle()
+                now = time.monotonic()
+                if now >= sweep_at:
+                    self._sweep_idle()
+                    sweep_at = now + self._next_sweep_in()
+                for deferred in [t for t, at in self._deferred.items() if at <= now]:
+                    del self._deferred[deferred]
+                    if _someone_waits():
+                        self._yield_token(deferred)
                 continue
             except OSError:
                 return  # closed by stop() or after fork
@@ -174,7 +189,18 @@ class Keeper:
         with self._lock:
             ref = self._held.get(token)
         conn = ref() if ref is not None else None
-        if conn is not None and conn._mppools_take_if_idle():
+        if conn is None:
+            return
+        now = time.monotonic()
+        since = conn._mppools_idle_since
+        # a connection between two uses of a busy loop is not idle: it keeps its slot for
+        # its hold quantum; one idle for IDLE_GRACE (or past its quantum) is handed on now
+        ready_at = min(conn._mppools_hand_on_at,
+                       (since if since is not None else now) + IDLE_GRACE)
+        if now < ready_at:
+            self._deferred[token] = ready_at
+            return
+        if conn._mppools_take_if_idle():
             self.yielded += 1
             conn._mppools_close_taken()
 
@@ -197,6 +223,7 @@ class Keeper:
         self._lock._reset()
         sock, self._sock, self._thread, self._address = self._sock, None, None, None
         self._held = {}
+        self._deferred = {}
         self._stopping = False
         self._starting = False
         if sock is not None:

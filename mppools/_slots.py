@@ -67,8 +67,8 @@ LAYOUT_VERSION: Final = 2
 # magic, version, header size, slot size, waiter size, capacity, waiter capacity, limit,
 # creator pid, flags, creator start, created at, generation, next token, reclaimed total,
 # timeouts total, acquired total, acquire timeout (-1: none), idle timeout (-1: none), uid,
-# pad, creator owner (see SlotRecord.owner)
-HEADER: Final = struct.Struct("<8sIIIIIIIIIQdQQQQQddI4xQ")
+# pad, creator owner (see SlotRecord.owner), hold quantum (seconds)
+HEADER: Final = struct.Struct("<8sIIIIIIIIIQdQQQQQddI4xQd")
 HEADER_SIZE: Final = 256
 # state, pad, pid, start ticks, token, since (wall clock), owner, pid ns, proof
 SLOT: Final = struct.Struct("<B3xIQQdQQI")
@@ -126,6 +126,7 @@ class Header:
     idle_timeout: float
     uid: int
     creator_owner: int = 0
+    hold_quantum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class Table:
             h.capacity, h.waiter_capacity, h.limit, h.creator_pid, h.flags, h.creator_start,
             h.created_at, h.generation, h.next_token, h.reclaimed_total, h.timeouts_total,
             h.acquired_total, h.acquire_timeout, h.idle_timeout, h.uid, h.creator_owner,
+            h.hold_quantum,
         )
 
     @property

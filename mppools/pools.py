@@ -93,6 +93,8 @@ class LimitedConnection(PooledConnection):
     _mppools_limiter: Limiter | None = None
     _mppools_idle_since: float | None = None
     _mppools_finalizer: weakref.finalize[Any, Any] | None = None
+    #: monotonic time from which a release while others wait hands the slot on
+    _mppools_hand_on_at: float = 0.0
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
@@ -104,6 +106,9 @@ class LimitedConnection(PooledConnection):
             return
         slot = limiter.acquire(block=block, timeout=timeout)
         self._mppools_slot, self._mppools_limiter = slot, limiter
+        # the hold quantum runs from here: under contention the slot is handed on at the
+        # first release after it (see docs/concepts.md, "Contention")
+        self._mppools_hand_on_at = time.monotonic() + limiter.hold_quantum
         cells = limiter.cells(slot)
         if cells is not None:
             self._mppools_view, self._mppools_at, self._mppools_pressure_at = cells
@@ -284,8 +289,11 @@ class LimitedConnectionPool(ConnectionPool):
         if at >= 0:
             view = resource._mppools_view
             try:
-                if view[resource._mppools_pressure_at]:
-                    # someone waits (or the budget shrank): hand the slot on, don't idle
+                pressure = view[resource._mppools_pressure_at]
+                if pressure and (pressure & _DEBT or
+                                 time.monotonic() >= resource._mppools_hand_on_at):
+                    # someone waits and this connection had its quantum (or the budget
+                    # shrank): hand the slot on, don't idle
                     resource._mppools_close_taken()
                 else:
                     resource._mppools_idle_since = time.monotonic()
@@ -294,7 +302,8 @@ class LimitedConnectionPool(ConnectionPool):
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
             limiter = resource._mppools_limiter
-            if limiter.under_pressure():
+            if limiter.in_debt() or (limiter.under_pressure() and
+                                     time.monotonic() >= resource._mppools_hand_on_at):
                 resource._mppools_close_taken()
             else:
                 resource._mppools_idle_since = time.monotonic()

@@ -359,10 +359,10 @@ def test_resize_grow_shrink_force(budget_name: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"limit": 0}, "positive int"),
-        ({"limit": -1}, "positive int"),
-        ({"limit": True}, "positive int"),
-        ({"limit": 2.5}, "positive int"),
+        ({"limit": 0}, "limit must be an int from 1"),
+        ({"limit": -1}, "limit must be an int from 1"),
+        ({"limit": True}, "limit must be an int from 1"),
+        ({"limit": 2.5}, "limit must be an int from 1"),
         ({"limit": 2, "name": "bad/name"}, "invalid budget name"),
         ({"limit": 2, "name": "x" * 49}, "invalid budget name"),
         ({"limit": 2, "name": ""}, "invalid budget name"),

@@ -59,6 +59,7 @@ class BudgetStats:
     timeouts_total: int
     acquire_timeout: float | None
     idle_timeout: float | None
+    hold_quantum: float = 0.0
     backend: str = "posix"
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -117,6 +118,12 @@ class Limiter(abc.ABC):
     def idle_timeout(self) -> float | None:
         """Seconds after which idle pooled connections are closed (None: never)."""
         return None
+
+    @property
+    def hold_quantum(self) -> float:
+        """Seconds a connection in active use keeps its slot before it is handed on to a
+        waiter (0: at its next release)."""
+        return 0.0
 
     @property
     def acquire_timeout(self) -> float | None:

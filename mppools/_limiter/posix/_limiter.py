@@ -136,6 +136,7 @@ class PosixLimiter(Limiter):
         idle_timeout: float | None = None,
         mode: int = 0o600,
         exclusive: bool = False,
+        hold_quantum: float = 0.0,
     ) -> PosixLimiter:
         """Open (and with ``create``, create or recover) the budget ``name``.
 
@@ -163,7 +164,8 @@ class PosixLimiter(Limiter):
                 return shared
             limiter = cls._open_new(name, create=create, limit=limit, capacity=capacity,
                                     acquire_timeout=acquire_timeout,
-                                    idle_timeout=idle_timeout, mode=mode, exclusive=exclusive)
+                                    idle_timeout=idle_timeout, mode=mode, exclusive=exclusive,
+                                    hold_quantum=hold_quantum)
             _instances[name] = limiter
             return limiter
 
@@ -179,6 +181,7 @@ class PosixLimiter(Limiter):
         idle_timeout: float | None,
         mode: int,
         exclusive: bool,
+        hold_quantum: float,
     ) -> PosixLimiter:
         cap = capacity if capacity is not None else max(DEFAULT_CAPACITY, limit or 0)
         shm, created = open_shm(name, create=create, size=segment_size(cap, cap), mode=mode)
@@ -189,6 +192,7 @@ class PosixLimiter(Limiter):
             return cls._open_locked(
                 name, shm, create=create, limit=limit, capacity=cap,
                 acquire_timeout=acquire_timeout, idle_timeout=idle_timeout, mode=mode,
+                hold_quantum=hold_quantum,
             )
         except BaseException:
             shm.close_fd()
@@ -209,6 +213,7 @@ class PosixLimiter(Limiter):
         acquire_timeout: float | None,
         idle_timeout: float | None,
         mode: int,
+        hold_quantum: float,
     ) -> PosixLimiter:
         fcntl.lockf(shm.fd, fcntl.LOCK_EX, 1, 0)
         try:
@@ -227,7 +232,7 @@ class PosixLimiter(Limiter):
                 buf = mmap.mmap(shm.fd, full)
                 sem = open_semaphore(name, mode)
                 self = cls(name, shm, buf, Table(memoryview(buf), capacity, capacity), sem, tfd)
-                self._initialize(limit, acquire_timeout, idle_timeout)
+                self._initialize(limit, acquire_timeout, idle_timeout, hold_quantum)
                 return self
             full = segment_size(header.capacity, header.waiter_capacity)
             if size < full:
@@ -244,14 +249,16 @@ class PosixLimiter(Limiter):
             table = Table(memoryview(buf), header.capacity, header.waiter_capacity)
             self = cls(name, shm, buf, table, sem, tfd)
             if create:
-                self._join_or_recover(header, limit, acquire_timeout, idle_timeout)
+                self._join_or_recover(header, limit, acquire_timeout, idle_timeout,
+                                      hold_quantum)
             # attach (create=False) changes nothing: `mppools status` must be read-only
             return self
         finally:
             fcntl.lockf(shm.fd, fcntl.LOCK_UN, 1, 0)
 
     def _initialize(
-        self, limit: int, acquire_timeout: float | None, idle_timeout: float | None
+        self, limit: int, acquire_timeout: float | None, idle_timeout: float | None,
+        hold_quantum: float,
     ) -> None:
         me = _self.me()
         self._view[HEADER_SIZE:] = bytes(len(self._view) - HEADER_SIZE)
@@ -265,7 +272,7 @@ class PosixLimiter(Limiter):
                 next_token=1, reclaimed_total=0, timeouts_total=0, acquired_total=0,
                 acquire_timeout=_timeout_field(acquire_timeout),
                 idle_timeout=_timeout_field(idle_timeout), uid=os.geteuid(),
-                creator_owner=me.owner,
+                creator_owner=me.owner, hold_quantum=hold_quantum,
             )
         )
         self._books.settle(me)
@@ -281,6 +288,7 @@ class PosixLimiter(Limiter):
         limit: int | None,
         acquire_timeout: float | None,
         idle_timeout: float | None,
+        hold_quantum: float,
     ) -> None:
         me = _self.me()
         books = self._books
@@ -307,7 +315,7 @@ class PosixLimiter(Limiter):
                 f"too small for limit {limit}; run `mppools unlink {self.name} --force`"
             )
         if not users:
-            self._initialize(limit, acquire_timeout, idle_timeout)
+            self._initialize(limit, acquire_timeout, idle_timeout, hold_quantum)
             return
         # orphaned workers of the dead master still hold slots: adopt the budget in place
         # (unlinking now would split it in two)
@@ -317,6 +325,7 @@ class PosixLimiter(Limiter):
         header.limit = limit
         header.acquire_timeout = _timeout_field(acquire_timeout)
         header.idle_timeout = _timeout_field(idle_timeout)
+        header.hold_quantum = hold_quantum
         header.generation += 1
         self._table.write_header(header)
         books.settle(me)
@@ -359,6 +368,10 @@ class PosixLimiter(Limiter):
     @property
     def idle_timeout(self) -> float | None:
         return _timeout_value(self._table.read_header().idle_timeout)
+
+    @property
+    def hold_quantum(self) -> float:
+        return self._table.read_header().hold_quantum
 
     # public API ------------------------------------------------------------------------------
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
@@ -601,6 +614,7 @@ class PosixLimiter(Limiter):
             timeouts_total=header.timeouts_total,
             acquire_timeout=_timeout_value(header.acquire_timeout),
             idle_timeout=_timeout_value(header.idle_timeout),
+            hold_quantum=header.hold_quantum,
             backend="posix",
             extra={"semaphore": sem_value, "generation": header.generation,
                    "segment_bytes": len(self._view)},
