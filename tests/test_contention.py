@@ -1,0 +1,78 @@
+"""Under contention the pool stays a pool: hand-overs per hold quantum, not per release."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from kombu import Connection
+
+import mppools
+
+
+@pytest.mark.parametrize("quantum", [0.0, 60.0])
+def test_a_busy_connection_keeps_its_slot_for_its_quantum(
+    budget_name: str, quantum: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """limit 1, a waiter, and a holder that keeps releasing and re-acquiring its pooled
+    connection: within its quantum every release keeps the connection (no reconnect, the
+    waiter times out); with quantum 0 the first release hands it on."""
+    from mppools import _keeper
+
+    # only the quantum rule is under test: the idle rule must not see the gaps between uses
+    monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=quantum,
+                                idle_timeout=None)
+    pool = mppools.connections[Connection("memory://")]
+    conn = pool.acquire(block=True, timeout=5)
+    conn.connect()
+    first = conn._connection
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            limiter.release(limiter.acquire(timeout=1.5))
+            outcome.append("got")
+        except mppools.LimitExceeded:
+            outcome.append("timed out")
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while limiter.stats().waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert limiter.stats().waiting == 1
+    reconnected = 0
+    while waiter.is_alive() and time.monotonic() < deadline:
+        conn.release()
+        conn = pool.acquire(block=True, timeout=5)
+        conn.connect()
+        reconnected += conn._connection is not first
+        first = conn._connection
+    conn.release()
+    waiter.join(10)
+    if quantum:
+        assert (outcome, reconnected) == (["timed out"], 0)
+    else:
+        assert outcome == ["got"]
+
+
+def test_an_idle_connection_yields_at_once_whatever_the_quantum(budget_name: str) -> None:
+    """A connection sitting idle in its pool is handed on when someone waits, even while its
+    hold quantum runs (here 60 s: only the idle rule can hand it on before the timeout)."""
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=60.0,
+                                idle_timeout=None)
+    with mppools.connections[Connection("memory://")].acquire(block=True, timeout=5) as c:
+        c.connect()
+    assert limiter.stats().in_use == 1  # idle in the pool, holding the slot
+    slot = limiter.acquire(timeout=20)
+    limiter.release(slot)
+    assert limiter.stats().in_use == 0
+
+
+def test_hold_quantum_is_validated(budget_name: str) -> None:
+    for bad in (-1, float("nan"), "1", True, 61.0, None):
+        with pytest.raises(mppools.ConfigurationError, match="hold_quantum"):
+            mppools.configure(limit=1, name=budget_name, hold_quantum=bad)  # type: ignore[arg-type]
+    assert not mppools.pools._config.current()
