@@ -11,8 +11,10 @@ A process killed but not yet reaped by its parent is a zombie: ``kill(pid, 0)`` 
 closed by the kernel, so a zombie counts as dead here; but only once a pidfd of it polls
 readable, because the main thread shows ``Z`` while other threads are still tearing down.
 
-All processes that share one budget must share one pid namespace (one host, or one
-container); a pid from another namespace would be taken for a dead process.
+These answers are meaningful only within one pid namespace whose /proc this process reads.
+The POSIX backend decides liveness by kernel-released tokens instead (see
+:mod:`mppools._limiter.posix._tokens`) and uses this module only for its pidfd fast path
+and its stats.
 """
 
 from __future__ import annotations

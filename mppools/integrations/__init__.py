@@ -10,7 +10,7 @@ Both read the budget's settings from their arguments or from the environment:
 ``MPPOOLS_LIMIT``
     the host-wide number of broker connections (required unless given as an argument);
 ``MPPOOLS_NAME``
-    the budget's name (default: ``pid<master pid>``; give one to let other masters on the
+    the budget's name (default: ``pid<master pid>-<random>``; give one to let other masters on the
     host, or ``mppools status NAME``, join or watch the same budget);
 ``MPPOOLS_ACQUIRE_TIMEOUT`` / ``MPPOOLS_IDLE_TIMEOUT``
     seconds (``none`` for no bound), defaults as in :func:`mppools.configure`.
