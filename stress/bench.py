@@ -52,7 +52,8 @@ from stress._bench_util import (
 
 __all__ = ["main"]
 
-FIGURES = ("warm", "slot", "contention", "reclaim", "idle", "e2e", "footprint")
+FIGURES = ("warm", "slot", "contention", "reclaim", "idle", "e2e", "footprint",
+           "e2e_contention")
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,23 @@ class Plan:
     e2e_reps: int
     e2e_workers: int
     foot_reps: int
+    # 8. e2e under contention (stress/e2e_contention.py)
+    e2ec_window: float = 0.3
+    e2ec_reps: int = 1
+    e2ec_workers: int = 8
+    e2ec_limits: tuple[int, ...] = (2, 4)
+    e2ec_delays_ms: tuple[int, ...] = (0, 20)
+    e2ec_quanta: tuple[float, ...] = ()  # the hold-quantum sweep (when configure has it)
+    e2ec_sweep_limit: int = 2
+    e2ec_sweep_delay_ms: int = 20
+    e2ec_rabbit: bool = False
 
 
 QUICK = Plan(True, 300, 9, 0.003, 7, (2, 8), (2,), (0, 20), 0.25, 1, 5, 5, 2, 0.4, 1, 8, 1)
 FULL = Plan(False, 2000, 41, 0.015, 31, (2, 4, 8, 16, 64), (1, 2, 4), (0, 20), 0.6, 3,
-            31, 31, 2, 1.5, 9, 8, 5)
+            31, 31, 2, 1.5, 9, 8, 5,
+            e2ec_window=3.0, e2ec_reps=3, e2ec_quanta=(0.0, 0.02, 0.05, 0.1, 0.2),
+            e2ec_rabbit=True)
 
 
 @dataclass
@@ -833,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     detail: list[dict[str, Any]] = []
     skipped: list[str] = ["6. rabbitmq: skipped in this version (redis only)"]
-    with maybe_redis("warm" in only or "slot" in only or "e2e" in only) as redis:
+    with maybe_redis("warm" in only or "slot" in only or "e2e" in only
+                     or "e2e_contention" in only) as redis:
         if "warm" in only:
             _log("1. warm path")
             rows.append(fig_warm(plan, "memory://", "memory"))
@@ -863,6 +877,13 @@ def main(argv: list[str] | None = None) -> int:
         if "footprint" in only:
             _log("7. footprint")
             rows += fig_footprint(plan)
+        if "e2e_contention" in only:
+            _log("8. end to end under contention")
+            from stress.e2e_contention import fig_e2e_contention
+
+            more_rows, more_skipped = fig_e2e_contention(plan, redis)
+            rows += more_rows
+            skipped += more_skipped
     elapsed = time.monotonic() - started
     meta.update(elapsed_s=elapsed, loadavg_end=os.getloadavg())
     print()

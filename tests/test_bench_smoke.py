@@ -29,6 +29,9 @@ REQUIRED = [
     "footprint_rss",
 ]
 REDIS_ONLY = ["warm_redis", "slot_ref_redis", "e2e_redis_L8", "e2e_redis_L4", "e2e_redis_L2"]
+#: figure 8 (stress/e2e_contention.py), quick plan: L in (2, 4), 0 and 20 ms per connect
+E2E_CONTENTION = [f"e2ec_redis_L{lim}_d{ms}_{what}" for lim in (2, 4) for ms in (0, 20)
+                  for what in ("throughput", "vs_connect", "p99_wait", "fairness", "peak")]
 CONTENTION_PREFIXES = ["contention_throughput_", "contention_fairness_",
                        "contention_flatness_"]
 
@@ -66,6 +69,16 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
         for row in rows:
             assert _numeric(row["mppools"]) and _numeric(row["baseline"])
     assert result["contention"], "no contention detail"
+    if shutil.which("redis-server"):
+        for key in E2E_CONTENTION:
+            assert key in figures, f"missing figure {key}"
+            row = figures[key]
+            assert _numeric(row["mppools"]) and _numeric(row["baseline"]), row
+            if key.endswith(("_throughput", "_vs_connect", "_peak")):
+                assert _numeric(row["ratio"]), row
+                assert row["higher_is_better"] == (not key.endswith("_peak"))
+            if key.endswith("_peak"):  # the proxy's count: the cap held (not a timing)
+                assert row["met"] is True, row
     for row in figures.values():
         # optional reference rows: numbers, or explicitly skipped
         assert _numeric(row["mppools"]) or row["note"] == "skipped: not installed"
