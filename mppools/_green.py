@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["Lock", "RLock", "flavour", "is_patched", "wait_readable"]
+__all__ = ["Lock", "RLock", "flavour", "is_patched", "recvmsg", "wait_readable"]
 
 #: eventlet's ``selects`` hub uses select.select: fds at or above this cannot go to it
 FD_SETSIZE = 1024
@@ -371,3 +371,29 @@ def _sliced_wait(fds: Sequence[int], timeout: float | None) -> list[int]:
             return []
         _green_sleep(pause if left is None else min(pause, left))
         pause = min(pause * 2, 0.01)
+
+
+# ------------------------------------------------------------------------------ sockets
+def recvmsg(sock: Any, bufsize: int, ancbufsize: int = 0) -> tuple[bytes, list[Any], int, Any]:
+    """``sock.recvmsg(bufsize, ancbufsize)`` honouring ``sock.gettimeout()``, green if patched.
+
+    eventlet's green socket has no ``recvmsg``: the call reaches the non-blocking socket
+    underneath and fails at once with ``BlockingIOError``. Here it waits for the socket with
+    :func:`wait_readable` instead (yielding), and raises ``TimeoutError`` once the socket's
+    timeout has passed, as a plain socket would. gevent's socket has a green ``recvmsg``.
+    """
+    if flavour() != "eventlet":
+        result: tuple[bytes, list[Any], int, Any] = sock.recvmsg(bufsize, ancbufsize)
+        return result
+    timeout = sock.gettimeout()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            got: tuple[bytes, list[Any], int, Any] = sock.recvmsg(bufsize, ancbufsize)
+            return got
+        except BlockingIOError:
+            pass
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("timed out")
+        wait_readable([sock.fileno()], left)
