@@ -161,7 +161,7 @@ class Keeper:
             due = min([sweep_at, *self._deferred.values()])
             try:
                 sock.settimeout(max(due - now, 0.0))
-                data, ancdata, _, _ = sock.recvmsg(64, _CREDS_SPACE)
+                data, ancdata, _, _ = _green.recvmsg(sock, 64, _CREDS_SPACE)
             except TimeoutError:
                 now = time.monotonic()
                 if now >= sweep_at:
