@@ -12,11 +12,10 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mppools import _fork
+from mppools import _fork, _green
 from mppools._errors import (
     ConfigurationError,
     NotConfiguredError,
@@ -60,7 +59,7 @@ class _Settings:
     generated: bool = False  # the name was made up by configure()
 
 
-_lock = threading.Lock()
+_lock = _green.Lock()
 _limiter: Limiter | None = None
 _settings: _Settings | None = None
 _creator_pid: int | None = None
@@ -277,7 +276,7 @@ def _after_fork_in_child() -> None:
     # a child never owns the segment: only the creator removes it at exit
     global _creator_pid, _lock
     _creator_pid = None
-    _lock = threading.Lock()
+    _lock = _green.Lock()
 
 
 def _at_exit() -> None:

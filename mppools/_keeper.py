@@ -6,16 +6,16 @@ first time the process takes a slot, listens on a datagram socket the backend na
 POSIX backend, a path in the budget's owner-only directory, reachable from every network
 namespace that shares it). A waiter in any process sends it a yield request
 ``(slot index, token)`` (:mod:`mppools._yield`); it is honoured only from a sender of our
-own uid (``SO_PASSCRED``) and only while someone really waits. The keeper takes that connection out of its local pool
-(only if it is still idle there, decided under the pool's queue mutex), puts a fresh lazy
-placeholder in its place so the pool keeps its size, and closes the connection outside the
-mutex, which gives the slot back. The keeper also closes connections idle for longer than
+own uid (``SO_PASSCRED``) and only while someone really waits. The keeper takes that
+connection out of its local pool (only if it is still idle there, decided under the pool's
+queue mutex), puts a fresh lazy placeholder in its place so the pool keeps its size, and
+closes the connection outside the mutex, which gives the slot back. The keeper also closes connections idle for longer than
 the budget's ``idle_timeout``.
 
 A connection in active use keeps its slot for its hold quantum: a request that arrives
 between two uses is looked at again once the connection has been idle for ``IDLE_GRACE`` or
-its quantum has run. In a forked child the keeper thread does not exist; the child's keeper starts afresh, on its own
-address, the first time the child takes a slot.
+its quantum has run. In a forked child the keeper thread does not exist; the child's keeper
+starts afresh, on its own address, the first time the child takes a slot.
 """
 
 from __future__ import annotations

@@ -75,6 +75,13 @@ _DEBT = 2
 _groups: list[PoolGroup] = []
 
 
+def _queue_lock(queue: Any) -> Any:
+    """The mutex of a pool's queue; eventlet's (kombu uses it once ``queue`` is patched) has
+    none, and needs none: its greenlets switch only where they block, never in here."""
+    mutex = getattr(queue, "mutex", None)
+    return mutex if mutex is not None else contextlib.nullcontext()
+
+
 def _remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return None
@@ -158,7 +165,7 @@ class LimitedConnection(PooledConnection):
         """Take this connection out of its pool if it sits idle there (under the queue mutex)."""
         pool = self._pool
         queue = pool._resource
-        with queue.mutex:
+        with _queue_lock(queue):
             for i, item in enumerate(queue.queue):
                 if item is self:
                     # keep the pool's size: a placeholder connects on demand
@@ -269,6 +276,9 @@ class LimitedConnectionPool(ConnectionPool):
         """Put back a connection taken by acquire() where the pool takes it last."""
         self._dirty.discard(conn)
         queue = self._resource
+        if getattr(queue, "mutex", None) is None:  # eventlet's queue: no mutex, no notify
+            queue.put_nowait(conn)
+            return
         with queue.mutex:
             queue.queue.insert(0, conn)
             queue.unfinished_tasks += 1
@@ -446,7 +456,7 @@ class ProducerPool(_kombu_pools.ProducerPool):
 
     def _queued(self, resource: Any) -> bool:
         queue = self._resource
-        with queue.mutex:
+        with _queue_lock(queue):
             return any(item is resource for item in queue.queue)
 
     def _after_fork_in_child(self) -> None:

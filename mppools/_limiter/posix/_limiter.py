@@ -28,11 +28,10 @@ import fcntl
 import mmap
 import os
 import struct
-import threading
 import time
 from typing import Any
 
-from mppools import _fork
+from mppools import _fork, _green
 from mppools._errors import (
     BudgetInUseError,
     ConfigurationError,
@@ -93,7 +92,7 @@ def _timeout_value(field: float) -> float | None:
 
 #: the budgets this process has open, by name (see PosixLimiter.open)
 _instances: dict[str, PosixLimiter] = {}
-_instances_lock = threading.RLock()
+_instances_lock = _green.RLock()
 #: one holder watcher per process, for every budget and waiting thread
 _watcher = _wait.Watcher()
 
