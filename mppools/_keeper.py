@@ -9,8 +9,8 @@ namespace that shares it). A waiter in any process sends it a yield request
 own uid (``SO_PASSCRED``) and only while someone really waits. The keeper takes that
 connection out of its local pool (only if it is still idle there, decided under the pool's
 queue mutex), puts a fresh lazy placeholder in its place so the pool keeps its size, and
-closes the connection outside the mutex, which gives the slot back. The keeper also closes connections idle for longer than
-the budget's ``idle_timeout``.
+closes the connection outside the mutex, which gives the slot back. The keeper also closes
+connections idle for longer than the budget's ``idle_timeout``.
 
 A connection in active use keeps its slot for its hold quantum: a request that arrives
 between two uses is looked at again once the connection has been idle for ``IDLE_GRACE`` or
