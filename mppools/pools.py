@@ -435,20 +435,28 @@ class ProducerPool(_kombu_pools.ProducerPool):
         return self.connections.acquire(block=True, timeout=_remaining(deadline))
 
     def release(self, resource: Any) -> None:
-        """Give a producer back; its connection goes back to its pool and is forgotten.
+        """Give a producer back; its connection goes back to its pool.
 
-        A producer that is queued already (released twice) is left alone.
+        A producer this pool handed out forgets its connection here, so nothing can release
+        that connection again once another holder has it. Releasing a producer that is back
+        in the pool already is a no-op; one the pool never handed out (kombu's tests release
+        bare mocks) has its connection released, as kombu does.
         """
-        connection, resource.__connection__ = resource.__connection__, None
-        if connection:
-            connection.release()
-        resource.channel = None
+        forget = True
         if self.limit:
             try:
                 self._dirty.remove(resource)
             except KeyError:
                 if self._queued(resource):
                     return
+                forget = False
+        connection = resource.__connection__
+        if forget:
+            resource.__connection__ = None
+        if connection:
+            connection.release()
+        resource.channel = None
+        if self.limit:
             self._resource.put_nowait(resource)
             self.release_resource(resource)
         else:

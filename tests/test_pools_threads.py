@@ -91,6 +91,28 @@ def test_a_released_producer_forgets_its_connection(local_limit: None) -> None:
     assert producer.channel is None
 
 
+def test_releasing_a_producer_twice_is_a_no_op(local_limit: None) -> None:
+    pools.set_limit(3)
+    conn = Connection("memory://")
+    producer = pools.producers[conn].acquire(block=True, timeout=1)
+    connection = producer.__connection__
+    producer.release()
+    held = pools.connections[conn].acquire(block=True, timeout=1)
+    assert held is connection  # LIFO: the connection the producer just gave back
+    producer.release()  # again: neither the producer nor ``held`` goes back a second time
+    assert held in pools.connections[conn]._dirty
+    queue = pools.producers[conn]._resource.queue
+    assert sum(1 for item in queue if item is producer) == 1
+    first = pools.producers[conn].acquire(block=True, timeout=1)
+    second = pools.producers[conn].acquire(block=True, timeout=1)
+    assert first is not second
+    assert first.__connection__ is not second.__connection__
+    assert held not in (first.__connection__, second.__connection__)
+    first.release()
+    second.release()
+    held.release()
+
+
 def _hammer(conn: Connection, *, threads: int, seconds: float, rounds: int,
             timeout: float) -> tuple[int, int, list[BaseException]]:
     """``threads`` threads take producers or connections with short timeouts; count every
