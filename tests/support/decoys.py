@@ -141,6 +141,13 @@ def remove_stale() -> list[str]:
             if pid.isdigit() and not _alive(int(pid)):
                 _remove(os.path.join(SHM, entry))
                 removed.append(entry)
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(tmp):  # copies of mppools for the other user
+            pid = entry.removeprefix(f"mppools-{_PREFIX}").partition("-")[0]
+            if entry.startswith(f"mppools-{_PREFIX}") and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
+                removed.append(os.path.join(tmp, entry))
     return removed
 
 
@@ -365,7 +372,7 @@ class DecoySet:
         done = subprocess.run([sys.executable, "-c", _CLOSURE], env=self._root_env(),
                               cwd="/", capture_output=True, text=True, timeout=60, check=True)
         closure = json.loads(done.stdout)
-        share = tempfile.mkdtemp(prefix="mppools-decoy-")
+        share = tempfile.mkdtemp(prefix=f"mppools-{self.decoys.prefix}")  # remove_stale()
         self._share = share
         ignore = shutil.ignore_patterns("__pycache__")
         shutil.copytree(_REPO / "mppools", os.path.join(share, "mppools"), ignore=ignore)
