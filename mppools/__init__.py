@@ -23,6 +23,7 @@ from mppools._config import attach, close, configure, stats
 from mppools._errors import (
     BudgetInUseError,
     ConfigurationError,
+    DamagedSegmentError,
     IncompatibleSegmentError,
     LimitExceeded,
     MppoolsError,
@@ -71,6 +72,7 @@ __all__ = [
     "BudgetInUseError",
     "BudgetStats",
     "ConfigurationError",
+    "DamagedSegmentError",
     "HolderStats",
     "IncompatibleSegmentError",
     "LimitExceeded",

@@ -11,6 +11,7 @@ from kombu.exceptions import ConnectionLimitExceeded
 __all__ = [
     "BudgetInUseError",
     "ConfigurationError",
+    "DamagedSegmentError",
     "IncompatibleSegmentError",
     "LimitExceeded",
     "MppoolsError",
@@ -64,6 +65,14 @@ def _rebuild_limit_exceeded(
 
 class IncompatibleSegmentError(MppoolsError, ValueError):
     """A shared segment of that name exists but is not an mppools segment of this layout."""
+
+
+class DamagedSegmentError(IncompatibleSegmentError):
+    """A budget's segment holds values this layout cannot have (a limit above its capacity,
+    a changed capacity or layout field): it is refused, never used. The message names the
+    budget and the repair command (``mppools unlink NAME --force``). Also an
+    :class:`IncompatibleSegmentError` (a segment that cannot be read as a valid budget), so
+    ``mppools unlink NAME --force`` removes it."""
 
 
 class PermissionDeniedError(MppoolsError, PermissionError):

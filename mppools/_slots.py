@@ -24,6 +24,12 @@ holder's pidfd only where its pid means the same process.
 The states live in dense byte maps, apart from the records, so that counting and finding
 free entries is one contiguous copy and a C-level search, whatever the capacity.
 
+The header also counts the slot entries in use (``slots_used``, kept by :meth:`Table.write_slot`
+and :meth:`Table.clear_slot`): a second, independent account of the slot map. Every decision
+compares the two (one field read) and, when they disagree, the map is rebuilt from the truth,
+the tokens, before anything is handed out (see ``Books.repair``). Reads never trust a state
+byte: a value outside the enum reads as BUSY (an unknown entry counts as used, never as free).
+
 Byte 0 of the segment is also the byte the cross-process mutex locks (``fcntl.lockf``).
 Every read-modify-write of the tables happens under that mutex, with one exception: a process
 stores the IDLE/BUSY state byte of a slot it owns (one byte, no lock), so waiters can tell
@@ -33,10 +39,13 @@ idle slots from busy ones.
 from __future__ import annotations
 
 import enum
+import math
 import re
 import struct
 from dataclasses import dataclass
 from typing import Final
+
+from mppools._errors import DamagedSegmentError
 
 __all__ = [
     "CREATOR_TOKEN_AT",
@@ -47,8 +56,10 @@ __all__ = [
     "PRESSURE_DEBT",
     "PRESSURE_WAITING",
     "SLOT",
+    "SLOTS_USED_AT",
     "SLOT_SIZE",
     "SLOT_TOKENS_AT",
+    "USED_OF",
     "WAITER",
     "WAITER_SIZE",
     "WAITER_TOKENS_AT",
@@ -59,6 +70,8 @@ __all__ = [
     "WaiterRecord",
     "WaiterState",
     "segment_size",
+    "slot_state",
+    "waiter_state",
 ]
 
 MAGIC: Final = b"MPPOOLS\x00"
@@ -67,8 +80,9 @@ LAYOUT_VERSION: Final = 2
 # magic, version, header size, slot size, waiter size, capacity, waiter capacity, limit,
 # creator pid, flags, creator start, created at, generation, next token, reclaimed total,
 # timeouts total, acquired total, acquire timeout (-1: none), idle timeout (-1: none), uid,
-# pad, creator owner (see SlotRecord.owner), hold quantum (seconds)
-HEADER: Final = struct.Struct("<8sIIIIIIIIIQdQQQQQddI4xQd")
+# pad, creator owner (see SlotRecord.owner), hold quantum (seconds), slot entries in use
+# (the count of non-FREE bytes in the slot map)
+HEADER: Final = struct.Struct("<8sIIIIIIIIIQdQQQQQddI4xQdI")
 HEADER_SIZE: Final = 256
 # state, pad, pid, start ticks, token, since (wall clock), owner, pid ns, proof
 SLOT: Final = struct.Struct("<B3xIQQdQQI")
@@ -127,6 +141,7 @@ class Header:
     uid: int
     creator_owner: int = 0
     hold_quantum: float = 0.0
+    slots_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +189,11 @@ NEXT_TOKEN_AT: Final = 68
 RECLAIMED_AT: Final = 76
 TIMEOUTS_AT: Final = 84
 ACQUIRED_AT: Final = 92
+SLOTS_USED_AT: Final = 140
+assert HEADER.size == SLOTS_USED_AT + 4
+#: the header fields a mapping never sees change: magic, version, header, slot and waiter
+#: sizes, capacity, waiter capacity
+_FIXED_END: Final = 32
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _USED = re.compile(b"[^\x00]")
@@ -182,6 +202,26 @@ _WAITING = re.compile(b"\x01")
 _TICKET_OFFSET = struct.calcsize("<B3xIQQ")
 # the proof's offset inside a slot record (after state, pad, pid, start, token, since, owner, ns)
 _PROOF_OFFSET = struct.calcsize("<B3xIQQdQQ")
+_FIXED = struct.Struct("<8sIIIIII")
+#: a state byte as read: values outside the enum read as BUSY (used, never free)
+_SLOT_STATES: Final = (SlotState.FREE, SlotState.BUSY, SlotState.IDLE)
+_WAITER_STATES: Final = (WaiterState.FREE, WaiterState.WAITING, WaiterState.GRANTED)
+#: bytes.translate tables: a state byte to 0 (FREE) or 1 (anything else)
+USED_OF: Final = bytes([0] + [1] * 255)
+
+
+def slot_state(value: int) -> SlotState:
+    """The state a slot-map byte stands for; an unknown value is BUSY (fail closed)."""
+    return _SLOT_STATES[value] if value < 3 else SlotState.BUSY
+
+
+def waiter_state(value: int) -> WaiterState:
+    """The state a waiter-map byte stands for; an unknown value is WAITING."""
+    return _WAITER_STATES[value] if value < 3 else WaiterState.WAITING
+
+
+def _repair_hint(name: str) -> str:
+    return f"stop its users and run `mppools unlink {name} --force`, then configure it again"
 
 
 def _round64(n: int) -> int:
@@ -198,14 +238,20 @@ class Table:
     """Typed access to one mapped segment. Callers hold the mutex for anything but reads of
     single fields and the owner's state-byte stores."""
 
-    def __init__(self, buf: memoryview, capacity: int, waiter_capacity: int) -> None:
+    def __init__(
+        self, buf: memoryview, capacity: int, waiter_capacity: int, name: str = ""
+    ) -> None:
         self.buf = buf
         self.capacity = capacity
         self.waiter_capacity = waiter_capacity
+        #: the budget's name, for the messages of DamagedSegmentError
+        self.name = name
         self.slot_map_at = HEADER_SIZE
         self._slots_at = self.slot_map_at + _round64(capacity)
         self._wmap_at = self._slots_at + capacity * SLOT_SIZE
+        self.waiter_map_at = self._wmap_at
         self._waiters_at = self._wmap_at + _round64(waiter_capacity)
+        self._fixed: bytes | None = None  # the fixed header fields, once checked
 
     # header ------------------------------------------------------------------------------
     def read_header(self) -> Header:
@@ -217,8 +263,57 @@ class Table:
             h.capacity, h.waiter_capacity, h.limit, h.creator_pid, h.flags, h.creator_start,
             h.created_at, h.generation, h.next_token, h.reclaimed_total, h.timeouts_total,
             h.acquired_total, h.acquire_timeout, h.idle_timeout, h.uid, h.creator_owner,
-            h.hold_quantum,
+            h.hold_quantum, h.slots_used,
         )
+
+    def check_header(self) -> None:
+        """Refuse a header this mapping cannot have: changed layout fields or capacities, a
+        limit of 0 or above the capacity. Cheap (a compare and one field read): it runs at
+        every decision, so a damaged header is never obeyed.
+
+        Raises:
+            DamagedSegmentError: naming the budget, what is wrong and the repair command.
+        """
+        buf = self.buf
+        fixed = self._fixed
+        if fixed is None or buf[:_FIXED_END] != fixed:
+            self._check_fixed()
+        limit = _U32.unpack_from(buf, LIMIT_AT)[0]
+        if not 1 <= limit <= self.capacity:
+            raise DamagedSegmentError(
+                f"budget {self.name!r} is damaged: its header says limit {limit} with "
+                f"capacity {self.capacity} (a limit is from 1 to the capacity); "
+                f"{_repair_hint(self.name)}"
+            )
+
+    def _check_fixed(self) -> None:
+        magic, version, header_size, slot_size, waiter_size, capacity, waiter_capacity = (
+            _FIXED.unpack_from(self.buf, 0))
+        wrong = []
+        if magic != MAGIC:
+            wrong.append(f"magic {magic!r}")
+        if (version, header_size, slot_size, waiter_size) != (
+                LAYOUT_VERSION, HEADER_SIZE, SLOT_SIZE, WAITER_SIZE):
+            wrong.append(f"layout version {version} (header {header_size}, slot {slot_size}, "
+                         f"waiter {waiter_size} bytes)")
+        if capacity != self.capacity:
+            wrong.append(f"capacity {capacity} (it was {self.capacity})")
+        if waiter_capacity != self.waiter_capacity:
+            wrong.append(f"waiter capacity {waiter_capacity} (it was {self.waiter_capacity})")
+        if wrong:
+            raise DamagedSegmentError(
+                f"budget {self.name!r} is damaged: its header changed under its users to "
+                f"{', '.join(wrong)}; {_repair_hint(self.name)}"
+            )
+        self._fixed = self.buf[:_FIXED_END].tobytes()
+
+    @property
+    def slots_used(self) -> int:
+        """The header's count of slot entries in use (compare :meth:`in_use`)."""
+        return int(_U32.unpack_from(self.buf, SLOTS_USED_AT)[0])
+
+    def set_slots_used(self, count: int) -> None:
+        _U32.pack_into(self.buf, SLOTS_USED_AT, count)
 
     @property
     def limit(self) -> int:
@@ -235,9 +330,13 @@ class Table:
         return self._slots_at + index * SLOT_SIZE
 
     def read_slot(self, index: int) -> SlotRecord:
+        """Slot ``index`` as recorded; never fails on garbage: an unknown state byte reads as
+        BUSY, a ``since`` that is not a finite number as 0.0."""
         _, pid, start, token, since, owner, pidns, proof = SLOT.unpack_from(
             self.buf, self.slot_offset(index))
-        return SlotRecord(index, SlotState(self.buf[self.slot_map_at + index]), pid, start,
+        if not math.isfinite(since):
+            since = 0.0
+        return SlotRecord(index, slot_state(self.buf[self.slot_map_at + index]), pid, start,
                           token, since, owner, pidns, proof)
 
     def write_slot(
@@ -246,21 +345,47 @@ class Table:
     ) -> None:
         SLOT.pack_into(self.buf, self.slot_offset(index), state, pid, start, token, since,
                        owner, pidns, proof)
-        self.buf[self.slot_map_at + index] = state
+        at = self.slot_map_at + index
+        if not self.buf[at] and state:
+            self._count_used(1)
+        self.buf[at] = state
 
     def set_slot_proof(self, index: int, proof: int) -> None:
         """Point slot ``index``'s proof at its own token (0) or a waiter's (index + 1)."""
         struct.pack_into("<I", self.buf, self.slot_offset(index) + _PROOF_OFFSET, proof)
 
     def clear_slot(self, index: int) -> None:
-        self.buf[self.slot_map_at + index] = 0
+        at = self.slot_map_at + index
+        if self.buf[at]:
+            self._count_used(-1)
+        self.buf[at] = 0
         SLOT.pack_into(self.buf, self.slot_offset(index), 0, 0, 0, 0, 0.0, 0, 0, 0)
+
+    def _count_used(self, delta: int) -> None:
+        (count,) = _U32.unpack_from(self.buf, SLOTS_USED_AT)
+        _U32.pack_into(self.buf, SLOTS_USED_AT, min(max(count + delta, 0), 0xFFFFFFFF))
+
+    def slot_record_states(self) -> bytes:
+        """The state byte each slot *record* keeps (non-zero while the entry is in use),
+        one per slot: the map's second copy, read when the map is in doubt."""
+        at = self._slots_at
+        return self.buf[at : at + self.capacity * SLOT_SIZE : SLOT_SIZE].tobytes()
 
     def slot_states(self) -> bytes:
         """The state byte of every slot, in one contiguous copy."""
         return self.buf[self.slot_map_at : self.slot_map_at + self.capacity].tobytes()
 
     def used_slots(self) -> list[SlotRecord]:
+        """Every slot entry in use (unknown states included, as BUSY).
+
+        Raises:
+            DamagedSegmentError: the header is damaged (see :meth:`check_header`).
+        """
+        self.check_header()
+        return self.records_in_use()
+
+    def records_in_use(self) -> list[SlotRecord]:
+        """Every slot entry in use, whatever the header says (to find a budget's users)."""
         return [self.read_slot(m.start()) for m in _USED.finditer(self.slot_states())]
 
     def in_use(self) -> int:
@@ -280,7 +405,7 @@ class Table:
         _, pid, start, nonce, ticket, gidx, gtoken, owner, pidns = WAITER.unpack_from(
             self.buf, self.waiter_offset(index)
         )
-        state = WaiterState(self.buf[self._wmap_at + index])
+        state = waiter_state(self.buf[self._wmap_at + index])
         return WaiterRecord(index, state, pid, start, nonce, ticket, gidx, gtoken, owner, pidns)
 
     def write_waiter(
@@ -308,6 +433,25 @@ class Table:
 
     def waiter_states(self) -> bytes:
         return self.buf[self._wmap_at : self._wmap_at + self.waiter_capacity].tobytes()
+
+    def waiter_record_states(self) -> bytes:
+        """The state byte each waiter *record* keeps, one per entry (see
+        :meth:`slot_record_states`)."""
+        at = self._waiters_at
+        return self.buf[at : at + self.waiter_capacity * WAITER_SIZE : WAITER_SIZE].tobytes()
+
+    def set_waiter_state(self, index: int, state: WaiterState) -> None:
+        """Store waiter ``index``'s map byte alone (repairs only)."""
+        self.buf[self._wmap_at + index] = state
+
+    def set_slot_state(self, index: int, state: SlotState) -> None:
+        """Store slot ``index``'s map byte alone, keeping the header's count (repairs only;
+        the warm path stores IDLE/BUSY through the cells)."""
+        at = self.slot_map_at + index
+        was = self.buf[at]
+        if bool(was) != bool(state):
+            self._count_used(1 if state else -1)
+        self.buf[at] = state
 
     def waiting(self) -> int:
         """Waiter entries in use (WAITING or GRANTED, not yet picked up)."""

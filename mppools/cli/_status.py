@@ -12,14 +12,19 @@ from typing import Any, TextIO
 import psutil
 
 import mppools
-from mppools._errors import MppoolsError
+from mppools._errors import MppoolsError, NotConfiguredError
 from mppools._limiter._base import AuditReport, BudgetStats, HolderStats
+from mppools._limiter.posix import exists
 from mppools.cli._common import (
+    EXIT_FAILURE,
     EXIT_OK,
+    CLIError,
+    broken_kind,
     format_age,
+    format_time,
+    inspect_budget,
     list_budget_names,
     open_budget,
-    read_stats,
 )
 from mppools.cli._prometheus import render_prometheus
 
@@ -40,6 +45,8 @@ _CLEAR = "\x1b[H\x1b[2J"
 # formatting -------------------------------------------------------------------------------
 def command_line(pid: int, width: int = 60) -> str:
     """The command line of ``pid`` (psutil), truncated to ``width`` characters."""
+    if pid <= 0:
+        return "<unknown: its record was lost>"
     try:
         proc = psutil.Process(pid)
         parts = proc.cmdline() or [f"[{proc.name()}]"]
@@ -47,7 +54,7 @@ def command_line(pid: int, width: int = 60) -> str:
         return "<zombie>"
     except psutil.NoSuchProcess:
         return "<gone>"
-    except psutil.Error:
+    except (psutil.Error, OSError, ValueError, OverflowError):
         return "?"
     text = " ".join(parts)
     if len(text) > width:
@@ -70,8 +77,12 @@ def _timeout_text(value: float | None) -> str:
     return "none" if value is None else f"{value:g}s"
 
 
-def format_budget(stats: BudgetStats, *, now: float | None = None, width: int = 100) -> str:
-    """A detailed, multi-line report of one budget (one row per holder pid)."""
+def format_budget(
+    stats: BudgetStats, *, now: float | None = None, width: int = 100,
+    damage: list[str] | None = None,
+) -> str:
+    """A detailed, multi-line report of one budget (one row per holder pid; ``damage``:
+    what is wrong in its tables)."""
     now = time.time() if now is None else now
     lines = [
         f"budget {stats.name!r}  ({stats.backend}, created by pid {stats.creator_pid} "
@@ -90,7 +101,7 @@ def format_budget(stats: BudgetStats, *, now: float | None = None, width: int = 
         lines.append(head + "COMMAND")
         cmd_width = max(width - len(head), 20)
         for h in stats.holders:
-            since = time.strftime("%H:%M:%S", time.localtime(h.since))
+            since = format_time(h.since)
             command = command_line(h.pid, cmd_width) if h.alive else (
                 f"(dead: run `mppools reclaim {stats.name}`)"
             )
@@ -104,19 +115,34 @@ def format_budget(stats: BudgetStats, *, now: float | None = None, width: int = 
                          f"audit (a waiter, or `mppools reclaim {stats.name}`)")
     if stats.waiter_pids:
         lines.append("  waiting pids: " + ", ".join(map(str, stats.waiter_pids)))
+    if damage:
+        lines.append(f"  DAMAGED: {'; '.join(damage)}: {_reclaim_hint(stats.name)}")
     return "\n".join(lines)
+
+
+def _reclaim_hint(name: str) -> str:
+    return (f"unknown entries count as used until `mppools reclaim {name}` (or any waiter's "
+            "audit) rebuilds them from the holders' tokens")
 
 
 _SUMMARY_HEAD = (f"{'NAME':<24} {'LIMIT':>5} {'IN USE':>6} {'FREE':>5} {'WAITING':>7} "
                  f"{'DEBT':>4}  HOLDERS")
 
 
-def format_summary(stats: BudgetStats) -> str:
+def format_summary(stats: BudgetStats, damage: list[str] | None = None) -> str:
     """One line for one budget (under the header of :data:`_SUMMARY_HEAD`)."""
     dead = sum(1 for h in stats.holders if not h.alive)
     holders = f"{len(stats.holders)}" + (f" ({dead} dead)" if dead else "")
-    return (f"{stats.name:<24} {stats.limit:>5} {stats.in_use:>6} {stats.free:>5} "
+    line = (f"{stats.name:<24} {stats.limit:>5} {stats.in_use:>6} {stats.free:>5} "
             f"{stats.waiting:>7} {stats.debt:>4}  {holders}")
+    if damage:
+        line += f"  DAMAGED ({'; '.join(damage)}): run `mppools reclaim {stats.name}`"
+    return line
+
+
+def format_broken(name: str, kind: str, message: str) -> str:
+    """One line for a budget that cannot be read (under :data:`_SUMMARY_HEAD`)."""
+    return f"{name:<24} unreadable ({kind}): {message}"
 
 
 def stats_to_dict(stats: BudgetStats, *, now: float | None = None) -> dict[str, Any]:
@@ -138,45 +164,80 @@ def stats_to_dict(stats: BudgetStats, *, now: float | None = None) -> dict[str, 
 
 
 # status -------------------------------------------------------------------------------------
-def _collect(name: str | None) -> tuple[list[BudgetStats], list[tuple[str, str]]]:
-    """Snapshots of ``name`` (errors raise) or of every budget (errors are collected)."""
+#: (snapshot, what is damaged in its tables)
+_Inspected = tuple[BudgetStats, list[str]]
+#: (name, kind, message) of a budget that cannot be read
+_Broken = tuple[str, str, str]
+
+
+def _inspect_named(name: str) -> _Inspected:
+    try:
+        return inspect_budget(name)
+    except MppoolsError:
+        raise
+    except Exception as exc:  # never a traceback for one budget, whatever is in it
+        raise CLIError(f"budget {name!r} cannot be read ({broken_kind(name, exc)}): "
+                       f"{type(exc).__name__}: {exc}") from exc
+
+
+def _collect(name: str | None) -> tuple[list[_Inspected], list[_Broken]]:
+    """Snapshots of ``name`` (errors raise) or of every budget on this host, anyone's: one
+    that cannot be read is listed as broken, with what is wrong, and never stops the rest."""
     if name is not None:
-        return [read_stats(name)], []
-    snapshots: list[BudgetStats] = []
-    errors: list[tuple[str, str]] = []
+        return [_inspect_named(name)], []
+    snapshots: list[_Inspected] = []
+    broken: list[_Broken] = []
     for each in list_budget_names():
         try:
-            snapshots.append(read_stats(each))
-        except (MppoolsError, OSError) as exc:
-            errors.append((each, str(exc)))
-    return snapshots, errors
+            snapshots.append(inspect_budget(each))
+        except NotConfiguredError as exc:
+            if exists(each):  # else it was removed while we listed: not ours to report
+                broken.append((each, broken_kind(each, exc), str(exc)))
+        except Exception as exc:
+            broken.append((each, broken_kind(each, exc),
+                           str(exc) if isinstance(exc, MppoolsError)
+                           else f"{type(exc).__name__}: {exc}"))
+    return snapshots, broken
+
+
+def _stats_dict(inspected: _Inspected, now: float) -> dict[str, Any]:
+    stats, damage = inspected
+    return {**stats_to_dict(stats, now=now), "damage": damage}
 
 
 def _render(
     name: str | None, *, as_json: bool, prometheus: bool, width: int, compact: bool = False
-) -> str:
-    snapshots, errors = _collect(name)
+) -> tuple[str, int]:
+    """The text to print and the exit status: a named budget whose tables are damaged is
+    shown, and the status is EXIT_FAILURE; a listing exits 0 whatever it flags."""
+    snapshots, broken = _collect(name)
     now = time.time()
+    status = EXIT_FAILURE if name is not None and snapshots[0][1] else EXIT_OK
     if as_json:
         indent = None if compact else 2
         if name is not None:
-            return json.dumps(stats_to_dict(snapshots[0], now=now), default=str, indent=indent)
+            return json.dumps(_stats_dict(snapshots[0], now), default=str,
+                              indent=indent), status
         return json.dumps(
-            {"budgets": [stats_to_dict(s, now=now) for s in snapshots],
-             "errors": [{"name": n, "error": e} for n, e in errors]},
+            {"budgets": [_stats_dict(s, now) for s in snapshots],
+             "errors": [{"name": n, "kind": k, "error": e} for n, k, e in broken]},
             default=str, indent=indent,
-        )
+        ), status
     if prometheus:
-        text = render_prometheus(snapshots)
-        text += "".join(f"# budget {n!r} unreadable: {e}\n" for n, e in errors)
-        return text.rstrip("\n")
+        text = render_prometheus(s for s, _ in snapshots)
+        text += "".join(f"# budget {s.name!r} damaged: {'; '.join(d)}\n"
+                        for s, d in snapshots if d)
+        text += "".join(f"# budget {n!r} unreadable ({k}): {' '.join(e.split())}\n"
+                        for n, k, e in broken)
+        return text.rstrip("\n"), status
     if name is not None:
-        return format_budget(snapshots[0], now=now, width=width)
-    if not snapshots and not errors:
-        return "no mppools budgets on this host"
-    lines = [_SUMMARY_HEAD, *(format_summary(s) for s in snapshots)]
-    lines.extend(f"{n:<24} unreadable: {e}" for n, e in errors)
-    return "\n".join(lines)
+        stats, damage = snapshots[0]
+        return format_budget(stats, now=now, width=width, damage=damage), status
+    if not snapshots and not broken:
+        return "no mppools budgets on this host", status
+    lines = [_SUMMARY_HEAD, *(format_summary(s, d) for s, d in snapshots)]
+    lines.extend(format_broken(n, k, " ".join(e.split())) for n, k, e in broken)
+    return "\n".join(lines), status
 
 
 def run_status(
@@ -198,17 +259,17 @@ def run_status(
     tty = out.isatty()
     width = shutil.get_terminal_size((100, 24)).columns if tty else 120
     if watch is None:
-        text = _render(name, as_json=as_json, prometheus=prometheus, width=width)
+        text, status = _render(name, as_json=as_json, prometheus=prometheus, width=width)
         if text:
             print(text, file=out)
-        return EXIT_OK
+        return status
     count = 0
     try:
         while iterations is None or count < iterations:
             try:
-                text = _render(name, as_json=as_json, prometheus=prometheus, width=width,
-                               compact=True)
-            except (MppoolsError, OSError) as exc:
+                text, _ = _render(name, as_json=as_json, prometheus=prometheus, width=width,
+                                  compact=True)
+            except (MppoolsError, OSError, CLIError) as exc:
                 if count == 0:
                     raise
                 text = json.dumps({"error": str(exc)}) if as_json else f"{name!r}: {exc}"

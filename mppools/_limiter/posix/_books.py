@@ -8,13 +8,26 @@ them after letting go of the mutex. The invariants, true whenever the mutex is f
 * the semaphore's value is ``max(limit - in_use, 0)`` (it is only changed here);
 * ``in_use <= limit`` except after a forced shrink, when the difference is the debt, paid
   by releases before anything is handed on.
+
+A damaged segment fails closed. Every decision first checks the header (:meth:`Table.check_header`:
+a limit above the capacity, a changed layout field -> :class:`DamagedSegmentError`) and compares
+the header's count of entries in use with the slot map (one field); when they disagree, or a
+free-looking entry's token turns out to be held, the tables are rebuilt from the truth, the
+tokens, before anything is decided (:meth:`Books.repair`, which every audit also runs). The
+tokens are read with a classic ``F_GETLK``, which, unlike ``F_OFD_GETLK``, also reports the
+locks of this process's own open file description: a lost record of our own is seen too.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import struct
 import time
 
 from mppools import _fork
+from mppools._errors import DamagedSegmentError
 from mppools._limiter._base import AuditReport, Slot
 from mppools._slots import (
     ACQUIRED_AT,
@@ -24,6 +37,7 @@ from mppools._slots import (
     PRESSURE_WAITING,
     RECLAIMED_AT,
     SLOT_TOKENS_AT,
+    USED_OF,
     WAITER_TOKENS_AT,
     SlotRecord,
     SlotState,
@@ -36,7 +50,58 @@ from . import _tokens
 from ._names import waiter_path
 from ._self import Me
 
-__all__ = ["Books"]
+__all__ = ["Books", "held_by_anyone"]
+
+# struct flock on Linux x86-64/aarch64: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
+_FLOCK = struct.Struct("@hhqqi4x")
+_NONZERO = re.compile(b"[^\x00]")
+_FREE_RUN = re.compile(b"\x00+")
+_UNKNOWN = re.compile(b"[^\x00-\x02]")
+
+
+def _lock_in(fd: int, at: int, length: int) -> tuple[int, int] | None:
+    """Some lock, of any open file description (this process's own included), on the bytes
+    ``[at, at + length)`` of ``fd``'s file: ``(start, length)``, or None."""
+    kind, _, start, size, _ = _FLOCK.unpack(
+        fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, at, length, 0)))
+    if kind == fcntl.F_UNLCK:
+        return None
+    return start, size
+
+
+def held_by_anyone(fd: int, at: int) -> bool:
+    """True if any open file description, this process's own included, locks the byte ``at``.
+
+    A classic (process-owned) ``F_GETLK`` conflicts with every OFD lock, ours too, and takes
+    nothing (this process holds no classic lock on the token file)."""
+    return _lock_in(fd, at, 1) is not None
+
+
+def _held_in(fd: int, at: int, length: int) -> list[int]:
+    """Offsets of every locked byte in ``[at, at + length)`` (any description). ``F_GETLK``
+    reports one lock, not necessarily the first: split around it. 2 x locks + 1 calls."""
+    found: list[int] = []
+    todo = [(at, length)]
+    while todo:
+        lo, n = todo.pop()
+        if n <= 0:
+            continue
+        lock = _lock_in(fd, lo, n)
+        if lock is None:
+            continue
+        start = max(lock[0], lo)
+        end = lo + n if lock[1] == 0 else min(lock[0] + lock[1], lo + n)
+        end = max(end, start + 1)
+        found.extend(range(start, end))
+        todo.append((lo, start - lo))
+        todo.append((end, lo + n - end))
+    return found
+
+
+def _differ(a: bytes, b: bytes) -> list[int]:
+    """Indexes where the equally long ``a`` and ``b`` differ."""
+    x = (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+    return [m.start() for m in _NONZERO.finditer(x)]
 
 
 class Books:
@@ -47,11 +112,18 @@ class Books:
         self.table = table
         self.sem = sem
         self.fd = fd
+        if not table.name:
+            table.name = name
 
     # liveness ------------------------------------------------------------------------------
     def alive(self, owner: int, token_at: int, me: Me) -> bool:
-        """Is the holder of an entry alive? Its token says so, in any namespace."""
-        return owner == me.owner or _tokens.is_held(self.fd, token_at)
+        """Is the holder of an entry alive? Its token says so, in any namespace.
+
+        Our own entries need no look; any other entry's token is looked up among the locks
+        of every open file description, this process's own included: if our own token sits
+        under a record that is not (or no longer) ours, the entry is in use all the same.
+        """
+        return owner == me.owner or held_by_anyone(self.fd, token_at)
 
     def slot_alive(self, rec: SlotRecord, me: Me) -> bool:
         return self.alive(rec.owner, rec.token_at, me)
@@ -88,10 +160,114 @@ class Books:
             value -= 1
         return delta
 
+    # damage --------------------------------------------------------------------------------
+    def check(self, me: Me) -> None:
+        """Before a decision: refuse a damaged header; rebuild the tables from the tokens if
+        the header's count of entries in use disagrees with the slot map.
+
+        Raises:
+            DamagedSegmentError: the header is damaged (nothing can be decided on it).
+        """
+        table = self.table
+        table.check_header()
+        if table.slots_used != table.in_use():
+            self.repair(me)
+
+    def repair(self, me: Me) -> int:
+        """Make the state maps agree with the records and the tokens; return how many entries
+        were repaired. Under the mutex.
+
+        An entry in doubt (its map byte unknown, map and record disagreeing, or a free entry
+        whose slot token is held) is in use iff its token is held by anyone: then it gets a
+        known state (BUSY if its byte was unknown or wiped), and a lost record a placeholder
+        that keeps the place until the token's holder exits; otherwise it is cleared. Then the
+        header's count is made exact.
+        """
+        table = self.table
+        fd = self.fd
+        fixed = 0
+        states = table.slot_states()
+        records = table.slot_record_states()
+        used, recorded = states.translate(USED_OF), records.translate(USED_OF)
+        doubt = set(_differ(used, recorded)) if used != recorded else set()
+        doubt.update(m.start() for m in _UNKNOWN.finditer(states))
+        either = used if used == recorded else bytes(
+            a | b for a, b in zip(used, recorded, strict=True))
+        for run in _FREE_RUN.finditer(either):  # free in both copies: do the tokens agree?
+            doubt.update(i - SLOT_TOKENS_AT for i in _held_in(
+                fd, SLOT_TOKENS_AT + run.start(), run.end() - run.start()))
+        now = time.time()
+        for i in sorted(doubt):
+            rec = table.read_slot(i)
+            live = held_by_anyone(fd, SLOT_TOKENS_AT + i) or bool(
+                recorded[i] and rec.proof and held_by_anyone(fd, rec.token_at))
+            if not live:
+                table.clear_slot(i)
+            else:
+                if not recorded[i]:
+                    # the record is lost: hold the place until the token is given up
+                    table.write_slot(i, SlotState.BUSY, 0, 0, 0, now)
+                byte = states[i]
+                table.set_slot_state(i, SlotState(byte) if byte in (1, 2) else SlotState.BUSY)
+            fixed += 1
+        in_use = table.in_use()
+        if table.slots_used != in_use:
+            table.set_slots_used(in_use)
+        # waiters: only FIFO order and hand-offs depend on them, never the count
+        wstates = table.waiter_states()
+        wrecords = table.waiter_record_states()
+        wused, wrecorded = wstates.translate(USED_OF), wrecords.translate(USED_OF)
+        wdoubt = set(_differ(wused, wrecorded)) if wused != wrecorded else set()
+        wdoubt.update(m.start() for m in _UNKNOWN.finditer(wstates))
+        for j in sorted(wdoubt):
+            if not held_by_anyone(fd, WAITER_TOKENS_AT + j):
+                table.clear_waiter(j)
+            elif wrecords[j] in (1, 2):
+                table.set_waiter_state(j, WaiterState(wrecords[j]))
+            else:
+                # no usable record: granted nothing, waiting for nothing, until its token goes
+                table.write_waiter(j, WaiterState.GRANTED, 0, 0, 0, 0, 0, 0)
+            fixed += 1
+        return fixed
+
+    def damage(self) -> list[str]:
+        """What is wrong in the tables, in words (read-only: for `mppools status`).
+
+        Raises:
+            DamagedSegmentError: the header is damaged.
+        """
+        table = self.table
+        table.check_header()
+        found: list[str] = []
+        states = table.slot_states()
+        used = states.translate(USED_OF)
+        unknown = len(_UNKNOWN.findall(states))
+        if unknown:
+            found.append(f"{unknown} slot state byte(s) out of range")
+        differ = len(_differ(used, table.slot_record_states().translate(USED_OF)))
+        if differ:
+            found.append(f"{differ} slot state byte(s) disagree with their records")
+        in_use = table.capacity - used.count(0)
+        if table.slots_used != in_use:
+            found.append(f"the header counts {table.slots_used} slot(s) in use, the slot map "
+                         f"{in_use}")
+        wstates = table.waiter_states()
+        wunknown = len(_UNKNOWN.findall(wstates))
+        wdiffer = len(_differ(wstates.translate(USED_OF),
+                              table.waiter_record_states().translate(USED_OF)))
+        if wunknown or wdiffer:
+            found.append(f"{wunknown + wdiffer} waiter entr(y/ies) damaged")
+        return found
+
     # the steps -----------------------------------------------------------------------------
     def settle(self, me: Me) -> list[str]:
-        """Hand free slots to live waiters (oldest first), then make the semaphore exact."""
+        """Hand free slots to live waiters (oldest first), then make the semaphore exact.
+
+        Raises:
+            DamagedSegmentError: the header is damaged.
+        """
         table = self.table
+        self.check(me)
         free = table.limit - table.in_use()
         wakes: list[str] = []
         if free > 0 and table.waiting():
@@ -105,6 +281,11 @@ class Books:
                     table.clear_waiter(w.index)
                     continue
                 index = table.free_slot_index()
+                if held_by_anyone(self.fd, SLOT_TOKENS_AT + index):
+                    # the table lost a live holder: rebuild it from the tokens, count again
+                    self.repair(me)
+                    free = table.limit - table.in_use()
+                    continue
                 token = table.bump(NEXT_TOKEN_AT)
                 table.bump(ACQUIRED_AT)
                 # until the waiter picks it up, the waiter's token proves the slot alive
@@ -123,22 +304,27 @@ class Books:
         import posix_ipc
 
         table = self.table
+        self.check(me)
         try:
             self.sem.acquire(0)  # type: ignore[attr-defined]
         except posix_ipc.BusyError:
             return None
         try:
-            states = table.slot_states()
-            if table.capacity - states.count(0) >= table.limit:
-                # the semaphore disagreed with the table (a crash inside a critical section):
-                # the table is the truth
-                self.settle(me)
-                return None
-            index = states.find(0)
-            while index >= 0 and not _tokens.take(self.fd, SLOT_TOKENS_AT + index):
-                # a free entry whose token is still held: a holder we cannot see cleared it
-                # (never by this protocol); leave that entry alone
-                index = states.find(0, index + 1)
+            index = -1
+            for _ in range(2):
+                states = table.slot_states()
+                if table.capacity - states.count(0) >= table.limit:
+                    # the semaphore disagreed with the table (a crash inside a critical
+                    # section): the table is the truth
+                    break
+                free = states.find(0)
+                at = SLOT_TOKENS_AT + free
+                if free >= 0 and not held_by_anyone(self.fd, at) and _tokens.take(self.fd, at):
+                    index = free
+                    break
+                # a free entry whose token is held (ours included): the table lost a live
+                # holder, never by this protocol. Rebuild it from the tokens, decide again
+                self.repair(me)
             if index < 0:
                 self.settle(me)
                 return None
@@ -160,7 +346,12 @@ class Books:
             return None
         table.clear_slot(slot.index)
         _tokens.release(self.fd, SLOT_TOKENS_AT + slot.index)
-        return self.settle(me)
+        try:
+            return self.settle(me)
+        except DamagedSegmentError:
+            # giving back never fails; nothing is handed on from a damaged budget
+            self.set_semaphore(0)
+            return []
 
     def holds(self, slot: Slot, me: Me) -> bool:
         rec = self.table.read_slot(slot.index)
@@ -188,8 +379,10 @@ class Books:
         w = table.read_waiter(windex)
         if w.nonce != nonce or w.owner != me.owner or w.state != WaiterState.GRANTED:
             return None
-        rec = table.read_slot(w.granted_index)
         self.drop_waiter(windex)
+        if not 0 <= w.granted_index < table.capacity:  # a damaged record: no grant
+            return None
+        rec = table.read_slot(w.granted_index)
         if rec.token != w.granted_token or rec.owner != me.owner:  # pragma: no cover
             return None
         if not _tokens.take(self.fd, SLOT_TOKENS_AT + w.granted_index):  # pragma: no cover
@@ -205,7 +398,7 @@ class Books:
         if w.nonce != nonce or w.owner != me.owner:
             return []
         self.drop_waiter(windex)
-        if w.state == WaiterState.GRANTED:
+        if w.state == WaiterState.GRANTED and 0 <= w.granted_index < table.capacity:
             rec = table.read_slot(w.granted_index)
             if rec.token == w.granted_token and rec.owner == me.owner:
                 table.clear_slot(w.granted_index)
@@ -213,8 +406,15 @@ class Books:
         return []
 
     def audit(self, me: Me) -> tuple[AuditReport, list[str]]:
-        """Clear entries whose holder is dead (token free), then settle."""
+        """Repair the tables from the tokens, clear entries whose holder is dead (token
+        free), then settle.
+
+        Raises:
+            DamagedSegmentError: the header is damaged.
+        """
         table = self.table
+        table.check_header()
+        self.repair(me)
         reclaimed: list[tuple[int, int]] = []
         dropped: list[int] = []
         for rec in table.used_slots():
@@ -236,8 +436,10 @@ class Books:
         return AuditReport(tuple(reclaimed), tuple(dropped), correction), wakes
 
     def live_users(self, me: Me) -> dict[int, int]:
-        """Live processes that hold or wait for slots: owner -> pid."""
-        users = {r.owner: r.pid for r in self.table.used_slots() if self.slot_alive(r, me)}
+        """Live processes that hold or wait for slots: owner -> pid (also of a budget whose
+        header is damaged: who uses it is what an unlink must know)."""
+        users = {r.owner: r.pid for r in self.table.records_in_use()
+                 if self.slot_alive(r, me)}
         for w in self.table.used_waiters():
             if self.waiter_alive(w, me):
                 users[w.owner] = w.pid
