@@ -160,9 +160,10 @@ class Keeper:
             now = time.monotonic()
             due = min([sweep_at, *self._deferred.values()])
             try:
-                sock.settimeout(max(due - now, 0.0))
+                # never 0: settimeout(0) would make the socket non-blocking
+                sock.settimeout(max(due - now, 0.0005))
                 data, ancdata, _, _ = _green.recvmsg(sock, 64, _CREDS_SPACE)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 now = time.monotonic()
                 if now >= sweep_at:
                     self._sweep_idle()

@@ -76,3 +76,28 @@ def test_hold_quantum_is_validated(budget_name: str) -> None:
         with pytest.raises(mppools.ConfigurationError, match="hold_quantum"):
             mppools.configure(limit=1, name=budget_name, hold_quantum=bad)  # type: ignore[arg-type]
     assert not mppools.pools._config.current()
+
+
+def test_the_keeper_survives_a_deferred_request_that_is_already_due(budget_name: str) -> None:
+    """A yield request looked at again "now" must not turn the keeper's socket non-blocking
+    (settimeout(0)) and end the keeper thread: idle yield would be dead for the process."""
+    from mppools._keeper import keeper
+
+    mppools.configure(limit=2, name=budget_name, idle_timeout=None)
+    with mppools.connections[Connection("memory://")].acquire(block=True, timeout=5) as c:
+        c.connect()
+    k = keeper()
+    thread = k._thread
+    assert thread is not None and thread.is_alive()
+    k._deferred[2**62] = 0.0  # due long ago, for a token nobody holds
+    assert k._sock is not None
+    k._sock.getsockname()  # the keeper's own address
+    import socket as _socket
+
+    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as s:
+        s.sendto(b"wake", k._sock.getsockname())  # not a request: just a turn of its loop
+    deadline = time.monotonic() + 5
+    while k._deferred and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # a dead thread would be dead by now
+    assert thread.is_alive(), "the keeper thread ended"
