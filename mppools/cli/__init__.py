@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show one budget, or every budget on this host",
         description="Show a budget's limit, slots in use, free, waiting and debt, and one "
         "row per holder pid (command line, slots, idle/busy, held for how long; dead holders "
-        "flagged). Without NAME, one summary line per budget on this host.",
+        "flagged). Without NAME, one summary line per budget on this host, anyone's: one "
+        "that cannot be read is flagged (another user's, foreign, another layout version, "
+        "damaged) and never stops the listing. Exits 1 if the named budget's tables are "
+        "damaged (shown, with the repair command), 2 if it cannot be read at all.",
         epilog=_STATUS_EXAMPLES, formatter_class=_Formatter,
     )
     status.add_argument("name", nargs="?", metavar="NAME", help="budget name (default: all)")

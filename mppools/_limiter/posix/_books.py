@@ -161,17 +161,21 @@ class Books:
         return delta
 
     # damage --------------------------------------------------------------------------------
-    def check(self, me: Me) -> None:
+    def check(self, me: Me) -> int:
         """Before a decision: refuse a damaged header; rebuild the tables from the tokens if
-        the header's count of entries in use disagrees with the slot map.
+        the header's count of entries in use disagrees with the slot map. Returns the
+        entries in use.
 
         Raises:
             DamagedSegmentError: the header is damaged (nothing can be decided on it).
         """
         table = self.table
         table.check_header()
-        if table.slots_used != table.in_use():
+        in_use = table.in_use()
+        if table.slots_used != in_use:
             self.repair(me)
+            in_use = table.in_use()
+        return in_use
 
     def repair(self, me: Me) -> int:
         """Make the state maps agree with the records and the tokens; return how many entries
@@ -267,8 +271,7 @@ class Books:
             DamagedSegmentError: the header is damaged.
         """
         table = self.table
-        self.check(me)
-        free = table.limit - table.in_use()
+        free = table.limit - self.check(me)
         wakes: list[str] = []
         if free > 0 and table.waiting():
             now = time.time()
@@ -304,16 +307,21 @@ class Books:
         import posix_ipc
 
         table = self.table
-        self.check(me)
+        table.check_header()
         try:
             self.sem.acquire(0)  # type: ignore[attr-defined]
         except posix_ipc.BusyError:
             return None
         try:
             index = -1
-            for _ in range(2):
+            for _ in range(3):
                 states = table.slot_states()
-                if table.capacity - states.count(0) >= table.limit:
+                in_use = table.capacity - states.count(0)
+                if in_use != table.slots_used:
+                    # the map and the header's count disagree: rebuild from the tokens
+                    self.repair(me)
+                    continue
+                if in_use >= table.limit:
                     # the semaphore disagreed with the table (a crash inside a critical
                     # section): the table is the truth
                     break
@@ -402,7 +410,10 @@ class Books:
             rec = table.read_slot(w.granted_index)
             if rec.token == w.granted_token and rec.owner == me.owner:
                 table.clear_slot(w.granted_index)
-                return self.settle(me)
+                try:
+                    return self.settle(me)
+                except DamagedSegmentError:  # leaving never fails (see release)
+                    self.set_semaphore(0)
         return []
 
     def audit(self, me: Me) -> tuple[AuditReport, list[str]]:
