@@ -13,7 +13,7 @@ What differs from kombu.pools, on purpose:
   pool's ``timeout`` also bounds getting its connection (kombu waits forever there). The
   deadline is passed along explicitly, never kept in a thread-local, so greenlets of one
   thread (gevent, eventlet) each keep their own. Timeouts are validated: None or a finite
-  number of seconds (see :mod:`mppools._validate`).
+  number of seconds up to 1,000,000; anything else raises ``ConfigurationError``.
 * One connection never has two holders: releasing a connection that is not out is a no-op,
   and a producer forgets its connection when it is released (kombu's ``Resource.acquire``
   re-releases a failed producer's previous connection, which may be another thread's by then).
