@@ -128,10 +128,11 @@ def test_celery_green_workers_share_one_budget(
             states = [client.AsyncResult(i).state for i in ids]
             peak, accepted = proxy.peak, proxy.total_accepted
         finally:
-            for proc in procs:
+            # the exec'd worker first: the launcher removes the budget at exit only when no
+            # other live process uses it (stopping both at once left it behind under load)
+            for proc in reversed(procs):
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-            for proc in procs:
                 with contextlib.suppress(Exception):
                     proc.wait(timeout=15)
                 stop_process_tree(proc, timeout=5)
