@@ -19,6 +19,7 @@ hand their samples back through a file each. In the full plan, when ``configure(
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import importlib
@@ -98,6 +99,8 @@ class _ProxyLoop:
         self.sel = selectors.DefaultSelector()
         self.delay = 0.0
         self.current = self.peak = self.accepted = 0
+        # (monotonic time, connections open after it) of the latest opens and closes
+        self.log: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         self.pending: list[tuple[float, int, socket.socket]] = []
         self.seq = 0
         self.ctrl_buf = b""
@@ -141,8 +144,11 @@ class _ProxyLoop:
                 self.delay = float(arg)
             elif cmd == "reset":
                 self.peak, self.accepted = self.current, 0
-            reply = {"current": self.current, "peak": self.peak, "accepted": self.accepted,
-                     "delay": self.delay}
+                self.log.clear()
+            reply: dict[str, Any] = {"current": self.current, "peak": self.peak,
+                                     "accepted": self.accepted, "delay": self.delay}
+            if cmd == "log":
+                reply["log"] = list(self.log)
             self.ctrl.sendall(json.dumps(reply).encode() + b"\n")
         return True
 
@@ -152,14 +158,25 @@ class _ProxyLoop:
                 client, _addr = self.listener.accept()
             except BlockingIOError:
                 return
+            # look for hang-ups again after accept() and before counting: a FIN sent
+            # before this client's connect() is queued by now, but it may have come after
+            # the select() that woke us (a close and the next connect counted the wrong
+            # way round would report limit + 1 that never existed)
+            self._sweep()
             self.current += 1
             self.accepted += 1
             self.peak = max(self.peak, self.current)
+            self.log.append((time.monotonic(), self.current))
             if self.delay > 0:
                 self.seq += 1
                 heapq.heappush(self.pending, (time.monotonic() + self.delay, self.seq, client))
             else:
                 self._connect(client)
+
+    def _sweep(self) -> None:
+        for key, mask in self.sel.select(0):
+            if isinstance(key.data, _End) and not key.data.closed:
+                self._io(key.data, mask)
 
     def _connect(self, client: socket.socket) -> None:
         try:
@@ -167,6 +184,7 @@ class _ProxyLoop:
         except OSError:
             client.close()
             self.current -= 1
+            self.log.append((time.monotonic(), self.current))
             return
         a, b = _End(client, client=True), _End(up)
         a.peer, b.peer = b, a
@@ -239,6 +257,7 @@ class _ProxyLoop:
             e.sock.close()
             if e.client:
                 self.current -= 1
+                self.log.append((time.monotonic(), self.current))
 
 
 class DelayProxy:
@@ -272,7 +291,7 @@ class DelayProxy:
         self.ask("stats")
         return self
 
-    def ask(self, command: str) -> dict[str, float]:
+    def ask(self, command: str) -> dict[str, Any]:
         if self._ctrl is None:
             raise RuntimeError("the delay proxy is not running")
         self._ctrl.settimeout(10.0)
@@ -283,7 +302,8 @@ class DelayProxy:
                 raise RuntimeError("the delay proxy exited")
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
-        return {k: float(v) for k, v in json.loads(line).items()}
+        reply: dict[str, Any] = json.loads(line)
+        return reply
 
     def url_for(self, url: str) -> str:
         scheme, rest = url.split("://", 1)
@@ -294,15 +314,28 @@ class DelayProxy:
     def set_delay(self, seconds: float) -> None:
         self.ask(f"delay {seconds}")
 
-    def settle(self, timeout: float = 10.0) -> dict[str, float]:
+    def settle(self, timeout: float = 10.0) -> dict[str, Any]:
         """Wait (bounded) until no client connection is open, then reset peak/accepted."""
         end = time.monotonic() + timeout
         while self.ask("stats")["current"] > 0 and time.monotonic() < end:
             time.sleep(0.01)
         return self.ask("reset")
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         return self.ask("stats")
+
+    def over(self, limit: int) -> tuple[int, float]:
+        """How many times the open connections went above ``limit`` since the last reset,
+        and the longest such episode in ms (the last 4096 opens and closes)."""
+        episodes, longest, since = 0, 0.0, None
+        for t, n in self.ask("log")["log"]:
+            if n > limit and since is None:
+                episodes, since = episodes + 1, t
+            elif n <= limit and since is not None:
+                longest, since = max(longest, (t - since) * 1e3), None
+        if since is not None:  # still above (CLOCK_MONOTONIC is one clock for both)
+            longest = max(longest, (time.monotonic() - since) * 1e3)
+        return episodes, longest
 
     def stop(self) -> None:
         ctrl, self._ctrl = self._ctrl, None
@@ -405,6 +438,10 @@ def _run(kind: str, url: str, workers: int, limit: int, window: float, proxy: De
         try:
             counts = run_group(workers, _worker(kind, proxy.url_for(url), outdir), window,
                                result_timeout=90.0)
+        except RuntimeError as exc:
+            raise RuntimeError(f"e2e_contention {broker} {kind} L={limit}, {workers} workers, "
+                               f"+{delay * 1e3:.0f} ms, hold_quantum {effective_q}: {exc} "
+                               "(the workers' tracebacks are above)") from exc
         finally:
             if kind == "mppools":
                 mppools.close()
@@ -422,10 +459,12 @@ def _run(kind: str, url: str, workers: int, limit: int, window: float, proxy: De
     run = Run(sum(per) / window, per, waits, int(st["peak"]), int(st["accepted"]),
               effective_q)
     if kind == "mppools" and run.peak > limit:
+        episodes, longest = proxy.over(limit)
         raise CapExceededError(
             f"e2e_contention: the proxy saw {run.peak} connections at once for mppools with "
-            f"limit {limit} ({broker}, +{delay * 1e3:.0f} ms per connect, "
-            f"{workers} workers): the cap of {limit} was exceeded")
+            f"limit {limit} ({broker}, +{delay * 1e3:.0f} ms per connect, {workers} workers, "
+            f"hold_quantum {effective_q}): the cap of {limit} was exceeded {episodes} times, "
+            f"the longest for {longest:.3f} ms")
     return run
 
 
