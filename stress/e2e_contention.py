@@ -619,7 +619,9 @@ def _sweep_rows(c: _Cases, limit: int, delay: float, quanta: tuple[float, ...], 
             f"8. hold-quantum sweep ({c.broker}, L={limit}, +{d} ms): Q={q * 1e3:g} ms",
             "msg/s", median(mp_s), median(kb_s), f"kombu.pools, {limit} workers", ratio,
             ">= 0.8x", _met(ratio, 0.8, at_least=True), higher_is_better=True,
-            note=f"p99 acquire wait {p99:.3g} ms; fairness "
+            note=f"acquire wait p99 {p99:.3g} ms, p99.9 "
+                 f"{median([r.wait_pct(0.999) for r in mp]):.3g} ms, max "
+                 f"{max(max(r.waits_ms, default=0.0) for r in mp):.3g} ms; fairness "
                  f"{median([r.fairness for r in mp]):.2f}; proxy peak "
                  f"{max(r.peak for r in mp)}/{limit}; accepted/round "
                  f"{median([float(r.accepted) for r in mp]):.0f}",
