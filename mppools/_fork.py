@@ -24,6 +24,7 @@ from typing import Protocol
 
 __all__ = [
     "ForkAware", "bury", "current_epoch", "drop_inherited", "on_fork_in_child", "register",
+    "unregister",
 ]
 
 logger = logging.getLogger("mppools")
@@ -65,6 +66,12 @@ def on_fork_in_child(callback: Callable[[], None]) -> None:
 def register(obj: ForkAware, priority: int = 1) -> None:
     """Call ``obj._after_fork_in_child()`` in every forked child while ``obj`` is alive."""
     _registries[priority][id(obj)] = obj
+
+
+def unregister(obj: ForkAware) -> None:
+    """Stop calling ``obj`` after forks (an object that was never fully made)."""
+    for registry in _registries:
+        registry.pop(id(obj), None)
 
 
 def _after_fork_in_child() -> None:

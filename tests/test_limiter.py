@@ -738,3 +738,32 @@ def test_non_blocking_acquire_audits_before_refusing(budget_name: str) -> None:
     slot = limiter.acquire(block=False)
     assert mppools.stats().reclaimed_total == 1
     limiter.release(slot)
+
+
+def test_a_refused_open_leaks_no_fd(budget_name: str) -> None:
+    """configure() refused after the segment was opened (another limit, live creator) must
+    close what it opened: token fd, mapping, semaphore."""
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the live creator
+        try:
+            os.close(stop_w)
+            mppools.configure(limit=2, name=budget_name)
+            os.write(ready_w, b"k")
+            os.read(stop_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        assert os.read(ready_r, 1) == b"k"
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with pytest.raises(ConfigurationError, match="already exists with limit 2"):
+                PosixLimiter.open(budget_name, create=True, limit=3)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(stop_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)

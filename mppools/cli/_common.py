@@ -82,13 +82,7 @@ def read_stats(name: str) -> BudgetStats:
 
 
 def _table_damage(limiter: PosixLimiter) -> list[str]:
-    # read-only, under the budget's mutex; PosixLimiter has no public hook for this yet
-    books = getattr(limiter, "_books", None)
-    locked = getattr(limiter, "_locked", None)
-    if books is None or locked is None:
-        return []
-    with locked():
-        return list(books.damage())
+    return limiter.damage()
 
 
 def inspect_budget(name: str) -> tuple[BudgetStats, list[str]]:

@@ -36,10 +36,18 @@ from mppools._errors import (
     BudgetInUseError,
     ConfigurationError,
     LimitExceeded,
-    NotConfiguredError,
+    BudgetNotFoundError,
     PermissionDeniedError,
 )
-from mppools._limiter._base import AuditReport, BudgetStats, HolderStats, Limiter, Slot
+from mppools._limiter._base import (
+    AuditReport,
+    BudgetStats,
+    HolderStats,
+    Limiter,
+    Slot,
+    WaiterStats,
+    local_host,
+)
 from mppools._slots import (
     CREATOR_TOKEN_AT,
     FLAGS_AT,
@@ -105,7 +113,7 @@ class PosixLimiter(Limiter):
     def __init__(
         self, name: str, shm: Any, buf: mmap.mmap, table: Table, sem: Any, tokens_fd: int
     ) -> None:
-        self.name = name
+        super().__init__(name)
         self._shm = shm
         self._fd: int = shm.fd
         self._tfd = tokens_fd
@@ -120,7 +128,6 @@ class PosixLimiter(Limiter):
         self._refs = 1
         self._pid = os.getpid()
         self._slot_map_at = table.slot_map_at
-        _fork.register(self, priority=0)
 
     # opening -------------------------------------------------------------------------------
     @classmethod
@@ -142,7 +149,7 @@ class PosixLimiter(Limiter):
         ``exclusive`` fails if a segment of that name exists at all (for generated names).
 
         Raises:
-            NotConfiguredError: ``create`` is false and no such budget exists.
+            BudgetNotFoundError: ``create`` is false and no such budget exists.
             IncompatibleSegmentError: the segment is not an mppools segment of this layout.
             PermissionDeniedError: the shared objects belong to another user.
             ConfigurationError: the budget exists with a different limit and a live creator.
@@ -220,18 +227,19 @@ class PosixLimiter(Limiter):
             header = read_header(name, shm.fd, size)
             if header is None:
                 if not create:
-                    raise NotConfiguredError(f"budget {name!r} exists but is not initialized")
+                    raise BudgetNotFoundError(f"budget {name!r} exists but is not initialized")
                 if limit is None:
                     raise ConfigurationError("a limit is needed to create a budget")
                 full = segment_size(capacity, capacity)
                 if size != full:
                     os.ftruncate(shm.fd, full)
                 ensure_dir(name, mode)
-                tfd = open_tokens(name, create=True)
-                buf = mmap.mmap(shm.fd, full)
-                sem = open_semaphore(name, mode)
-                self = cls(name, shm, buf, Table(memoryview(buf), capacity, capacity), sem, tfd)
-                self._initialize(limit, acquire_timeout, idle_timeout, hold_quantum)
+                self = cls._assemble(name, shm, full, capacity, capacity, mode, create=True)
+                try:
+                    self._initialize(limit, acquire_timeout, idle_timeout, hold_quantum)
+                except BaseException:
+                    self._dispose()
+                    raise
                 return self
             full = segment_size(header.capacity, header.waiter_capacity)
             if size < full:
@@ -242,18 +250,55 @@ class PosixLimiter(Limiter):
                 )
             if create:
                 ensure_dir(name, mode)
-            tfd = open_tokens(name, create=create)
-            buf = mmap.mmap(shm.fd, full)
-            sem = open_semaphore(name, mode)
-            table = Table(memoryview(buf), header.capacity, header.waiter_capacity)
-            self = cls(name, shm, buf, table, sem, tfd)
-            if create:
-                self._join_or_recover(header, limit, acquire_timeout, idle_timeout,
-                                      hold_quantum)
+            self = cls._assemble(name, shm, full, header.capacity, header.waiter_capacity,
+                                 mode, create=create)
+            try:
+                if create:
+                    self._books.check(_self.me())  # may repair from the tokens
+                else:
+                    self._table.check_header()  # read-only: attach changes nothing
+                if create:
+                    self._join_or_recover(header, limit, acquire_timeout, idle_timeout,
+                                          hold_quantum)
+            except BaseException:
+                self._dispose()
+                raise
             # attach (create=False) changes nothing: `mppools status` must be read-only
             return self
         finally:
-            fcntl.lockf(shm.fd, fcntl.LOCK_UN, 1, 0)
+            with contextlib.suppress(OSError, ValueError):  # closed by _dispose()
+                fcntl.lockf(shm.fd, fcntl.LOCK_UN, 1, 0)
+
+    @classmethod
+    def _assemble(
+        cls, name: str, shm: Any, size: int, capacity: int, waiter_capacity: int, mode: int,
+        *, create: bool,
+    ) -> PosixLimiter:
+        """Open the token file, map the segment, open the semaphore; nothing leaks on error."""
+        tfd = open_tokens(name, create=create)
+        buf: mmap.mmap | None = None
+        try:
+            buf = mmap.mmap(shm.fd, size)
+            sem = open_semaphore(name, mode)
+        except BaseException:
+            if buf is not None:
+                buf.close()
+            os.close(tfd)
+            raise
+        return cls(name, shm, buf, Table(memoryview(buf), capacity, waiter_capacity), sem, tfd)
+
+    def _dispose(self) -> None:
+        """Undo a half-made open: its mapping, semaphore and token fd (not the segment fd,
+        which the opener closes)."""
+        self._closed = True
+        _fork.unregister(self)
+        self._view.release()
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
+        with contextlib.suppress(Exception):
+            self._sem.close()
+        with contextlib.suppress(OSError):
+            os.close(self._tfd)
 
     def _initialize(
         self, limit: int, acquire_timeout: float | None, idle_timeout: float | None,
@@ -338,7 +383,7 @@ class PosixLimiter(Limiter):
         if self._pid != os.getpid():
             # forked without the fork handlers (a C-level fork): rebuild now (redis-py's
             # _checkpid backstop)
-            self._after_fork_in_child()
+            self.after_fork_in_child()
         if self._broken is not None:
             raise PermissionDeniedError(self._broken)
         return self._mutex
@@ -584,8 +629,10 @@ class PosixLimiter(Limiter):
         holders: dict[int, list[SlotRecord]] = {}
         for rec in slots:
             holders.setdefault(rec.owner, []).append(rec)
+        host = local_host()
         holder_stats = tuple(sorted(
             (HolderStats(
+                host=host,
                 pid=recs[0].pid,
                 slots=len(recs),
                 idle=sum(1 for r in recs if r.state == SlotState.IDLE),
@@ -598,14 +645,16 @@ class PosixLimiter(Limiter):
         in_use = len(slots)
         return BudgetStats(
             name=self.name,
+            backend="posix",
+            host=host,
             limit=header.limit,
             in_use=in_use,
             free=max(header.limit - in_use, 0),
             waiting=len(waiters),
             debt=max(in_use - header.limit, 0),
-            capacity=header.capacity,
             holders=holder_stats,
-            waiter_pids=tuple(sorted(w.pid for w in waiters)),
+            waiters=tuple(WaiterStats(host=host, pid=pid)
+                          for pid in sorted(w.pid for w in waiters)),
             creator_pid=header.creator_pid,
             created_at=header.created_at,
             acquired_total=header.acquired_total,
@@ -614,13 +663,17 @@ class PosixLimiter(Limiter):
             acquire_timeout=_timeout_value(header.acquire_timeout),
             idle_timeout=_timeout_value(header.idle_timeout),
             hold_quantum=header.hold_quantum,
-            backend="posix",
-            extra={"semaphore": sem_value, "generation": header.generation,
+            extra={"capacity": header.capacity, "semaphore": sem_value, "generation": header.generation,
                    "segment_bytes": len(self._view)},
         )
 
     def keeper_address(self) -> str:
         return keeper_path(self.name, _self.me().owner)
+
+    def damage(self) -> list[str]:
+        """What is wrong with the shared tables, in words (empty: nothing); read-only."""
+        with self._locked():
+            return self._books.damage()
 
     def live_users(self) -> set[int]:
         """Pids of live processes that hold slots of, or wait on, this budget."""
@@ -631,9 +684,6 @@ class PosixLimiter(Limiter):
         return self._table.read_header().creator_owner == _self.me().owner
 
     def after_fork_in_child(self) -> None:
-        self._after_fork_in_child()
-
-    def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
         self._mutex.after_fork_in_child()
         if self._closed:
@@ -706,7 +756,7 @@ def unlink(name: str, *, force: bool = False) -> None:
     ``force``, a segment that is not an mppools segment (or of another layout) is removed too.
 
     Raises:
-        NotConfiguredError: no such budget.
+        BudgetNotFoundError: no such budget.
         BudgetInUseError: live processes use it and not ``force``.
     """
     from mppools._errors import IncompatibleSegmentError
@@ -716,7 +766,7 @@ def unlink(name: str, *, force: bool = False) -> None:
     validate_name(name)
     try:
         limiter = PosixLimiter.open(name, create=False)
-    except (IncompatibleSegmentError, NotConfiguredError):
+    except (IncompatibleSegmentError, BudgetNotFoundError):
         if not force or not exists(name):
             raise
         remove_objects(name)
