@@ -1,0 +1,320 @@
+"""The Lua scripts that arbitrate one budget between hosts, and their contracts.
+
+Every script takes the five keys of :func:`mppools._limiter.redis._names.keys` (one hash tag:
+safe on Redis Cluster) and reads the time once, with ``redis.call('TIME')``: leases and tickets
+are scored in the coordination server's clock, never a client's. Times are integer
+milliseconds of that clock. A script that finds no generation, or another one than the
+caller's, answers ``LOST`` and changes nothing: the caller must :data:`REGISTER` what it holds.
+
+Status codes (first element of every answer but ``init`` and ``stats``):
+
+* ``OK`` (0)
+* ``LOST`` (1): the budget's generation is missing (Redis lost its data) or is not the caller's
+* ``GRACE`` (2): a new generation's grace period runs; nothing new is granted
+* ``REFUSED`` (3): a shrink below the leases held without ``force``
+* ``CREATED`` (4): ``register`` started a new generation (and its grace period)
+
+Contracts (ARGV in order; answers as arrays):
+
+``init(limit, ttl_ms, new_gen, fresh)`` -> ``{created, gen, limit, grace_until, now}``
+    Join the budget, or create it with generation ``new_gen`` (``limit`` 0: only join;
+    ``created`` is 2 if there is nothing to join). A created budget grants
+    nothing for ``ttl_ms`` (its grace period) unless ``fresh`` is ``1``: a Redis that lost its
+    data looks like a new one to a host that never knew it, and the hosts that still hold
+    leases need that long to re-register. An existing budget keeps its limit.
+
+``acquire(host, n, ttl_ms, gen, ticket_ttl_ms, partial)``
+    -> ``{status, granted, held, expiry, now, limit, grace_until, gen}``
+    Drop expired leases and tickets, then grant up to ``n`` leases to ``host``: only while it
+    holds the oldest live ticket (it takes one, or keeps its own, on every call with
+    ``n > 0``), so hosts are served first come, first served; a ticket lives ``ticket_ttl_ms``
+    past the host's last call. A host served in full (or in part, with ``partial`` 1) leaves
+    the queue. All leases of
+    ``host`` (old and new) expire at ``now + ttl_ms``. ``n = 0`` only renews.
+
+``renew(host, ttl_ms, gen)`` -> ``{status, held, expiry, now, limit, grace_until, gen}``
+    Drop expired leases, then move the expiry of all leases ``host`` still holds to
+    ``now + ttl_ms``. ``held`` lower than the caller thinks means leases expired.
+
+``release(host, n, gen, drop_ticket)`` -> ``{status, released, held, now}``
+    Give back up to ``n`` leases (never more than held); ``drop_ticket`` ``1`` also leaves the
+    queue (an acquire that timed out). The expiry of the rest is unchanged.
+
+``resize(limit, force)`` -> ``{status, used, limit, now}``
+    Set the limit for every host. Below the leases held: ``REFUSED`` without ``force``; with
+    it the excess is debt (nothing is granted until hosts give back enough).
+
+``register(host, held, old_gen, limit, ttl_ms, new_gen)``
+    -> ``{status, accepted, held, expiry, now, limit, grace_until, gen}``
+    A host whose generation was lost declares the ``held`` leases it still holds (its fence
+    deadline has not passed). No budget: one is created with generation ``new_gen``
+    (``prev = old_gen``), ``limit`` and a grace period of ``ttl_ms`` (``CREATED``). During the
+    grace period everything declared is accepted (those connections are open); after it, at
+    most what is free, and the caller must close the rest. Registering twice counts once.
+
+``stats()`` -> ``{gen, prev, limit, used, grace_until, now, created, hosts, tickets, seq}``
+    Read only. ``hosts`` is a flat ``{host, held, expiry, ...}`` of live leases, ``tickets`` a
+    flat ``{host, number, expiry, ...}`` of live tickets oldest first; ``used`` counts live
+    leases only. No budget: ``gen`` is ``false``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+__all__ = [
+    "ACQUIRE",
+    "CREATED",
+    "GRACE",
+    "INIT",
+    "LOST",
+    "OK",
+    "REFUSED",
+    "REGISTER",
+    "RELEASE",
+    "RENEW",
+    "RESIZE",
+    "SCRIPTS",
+    "STATS",
+    "Script",
+]
+
+OK, LOST, GRACE, REFUSED, CREATED = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua script: its name (for error messages), source and SHA1 (for EVALSHA)."""
+
+    name: str
+    source: str
+    sha: str
+
+
+# KEYS[1] meta, KEYS[2] held, KEYS[3] expiry, KEYS[4] tickets, KEYS[5] wait
+_PRELUDE = r"""
+if redis.replicate_commands then redis.replicate_commands() end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function expire(now)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  if #dead > 0 then
+    local freed = 0
+    for _, h in ipairs(dead) do
+      freed = freed + tonumber(redis.call('HGET', KEYS[2], h) or '0')
+      redis.call('HDEL', KEYS[2], h)
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+    redis.call('HINCRBY', KEYS[1], 'used', -freed)
+  end
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[4], unpack(gone))
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  end
+end
+local function held_by(host)
+  return tonumber(redis.call('HGET', KEYS[2], host) or '0')
+end
+local function wipe()
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+end
+"""
+
+_INIT = r"""
+local now = now_ms()
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until')
+if m[1] then
+  return {0, m[1], tonumber(m[2]), tonumber(m[3] or '0'), now}
+end
+if tonumber(ARGV[1]) == 0 then return {2, '', 0, 0, now} end
+wipe()
+local grace = 0
+if ARGV[4] ~= '1' then grace = now + tonumber(ARGV[2]) end
+redis.call('HSET', KEYS[1], 'gen', ARGV[3], 'prev', '', 'limit', ARGV[1], 'used', 0,
+           'seq', 0, 'grace_until', grace, 'created', now)
+return {1, ARGV[3], tonumber(ARGV[1]), grace, now}
+"""
+
+_ACQUIRE = r"""
+local now = now_ms()
+local host, n, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until')
+if (not m[1]) or m[1] ~= ARGV[4] then
+  return {1, 0, 0, 0, now, 0, 0, m[1] or ''}
+end
+expire(now)
+local limit, grace = tonumber(m[2]), tonumber(m[3])
+local held = held_by(host)
+local status, granted = 0, 0
+if grace > now then status = 2 end
+if n > 0 then
+  if not redis.call('ZSCORE', KEYS[4], host) then
+    redis.call('ZADD', KEYS[4], redis.call('HINCRBY', KEYS[1], 'seq', 1), host)
+  end
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[5]), host)
+  if status == 0 and redis.call('ZRANGE', KEYS[4], 0, 0)[1] == host then
+    local free = limit - tonumber(redis.call('HGET', KEYS[1], 'used'))
+    if free > 0 then granted = math.min(n, free) end
+  end
+  if granted == n or (granted > 0 and ARGV[6] == '1') then
+    redis.call('ZREM', KEYS[4], host)
+    redis.call('ZREM', KEYS[5], host)
+  end
+end
+local expiry = 0
+if granted > 0 then
+  held = held + granted
+  redis.call('HSET', KEYS[2], host, held)
+  redis.call('HINCRBY', KEYS[1], 'used', granted)
+end
+if held > 0 then
+  expiry = now + ttl
+  redis.call('ZADD', KEYS[3], expiry, host)
+end
+return {status, granted, held, expiry, now, limit, grace, m[1]}
+"""
+
+_RENEW = r"""
+local now = now_ms()
+local host, ttl = ARGV[1], tonumber(ARGV[2])
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until')
+if (not m[1]) or m[1] ~= ARGV[3] then
+  return {1, 0, 0, now, 0, 0, m[1] or ''}
+end
+expire(now)
+local held, expiry = held_by(host), 0
+if held > 0 then
+  expiry = now + ttl
+  redis.call('ZADD', KEYS[3], expiry, host)
+end
+return {0, held, expiry, now, tonumber(m[2]), tonumber(m[3]), m[1]}
+"""
+
+_RELEASE = r"""
+local now = now_ms()
+local host, n = ARGV[1], tonumber(ARGV[2])
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if (not gen) or gen ~= ARGV[3] then
+  return {1, 0, 0, now}
+end
+expire(now)
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[4], host)
+  redis.call('ZREM', KEYS[5], host)
+end
+local held = held_by(host)
+local k = math.min(n, held)
+if k > 0 then
+  held = held - k
+  if held == 0 then
+    redis.call('HDEL', KEYS[2], host)
+    redis.call('ZREM', KEYS[3], host)
+  else
+    redis.call('HSET', KEYS[2], host, held)
+  end
+  redis.call('HINCRBY', KEYS[1], 'used', -k)
+end
+return {0, k, held, now}
+"""
+
+_RESIZE = r"""
+local now = now_ms()
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit')
+if not m[1] then return {1, 0, 0, now} end
+expire(now)
+local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
+local limit = tonumber(ARGV[1])
+if limit < used and ARGV[2] ~= '1' then
+  return {3, used, tonumber(m[2]), now}
+end
+redis.call('HSET', KEYS[1], 'limit', limit)
+return {0, used, limit, now}
+"""
+
+_REGISTER = r"""
+local now = now_ms()
+local host, want, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until', 'created')
+local status, gen, limit, grace = 0, m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+if not gen then
+  wipe()
+  status, gen, limit, grace = 4, ARGV[6], tonumber(ARGV[4]), now + ttl
+  redis.call('HSET', KEYS[1], 'gen', gen, 'prev', ARGV[3], 'limit', limit, 'used', 0,
+             'seq', 0, 'grace_until', grace, 'created', now)
+else
+  expire(now)
+  if gen ~= ARGV[3] and grace > now and tonumber(m[4]) + ttl > grace then
+    -- a host with a longer TTL than the first registrant: its old leases live that long
+    grace = tonumber(m[4]) + ttl
+    redis.call('HSET', KEYS[1], 'grace_until', grace)
+  end
+end
+local held = held_by(host)
+local accepted = 0
+if gen ~= ARGV[3] and want > held then
+  accepted = want - held
+  if grace <= now then
+    local free = limit - tonumber(redis.call('HGET', KEYS[1], 'used'))
+    accepted = math.max(0, math.min(accepted, free))
+  end
+  if accepted > 0 then
+    held = held + accepted
+    redis.call('HSET', KEYS[2], host, held)
+    redis.call('HINCRBY', KEYS[1], 'used', accepted)
+  end
+end
+local expiry = 0
+if held > 0 then
+  expiry = now + ttl
+  redis.call('ZADD', KEYS[3], expiry, host)
+end
+return {status, accepted, held, expiry, now, limit, grace, gen}
+"""
+
+_STATS = r"""
+local now = now_ms()
+local m = redis.call('HMGET', KEYS[1], 'gen', 'prev', 'limit', 'grace_until', 'created', 'seq')
+if not m[1] then return {false, '', 0, 0, 0, now, 0, {}, {}, 0} end
+local hosts, used = {}, 0
+local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf', 'WITHSCORES')
+for i = 1, #live, 2 do
+  local h = tonumber(redis.call('HGET', KEYS[2], live[i]) or '0')
+  used = used + h
+  hosts[#hosts + 1] = live[i]
+  hosts[#hosts + 1] = h
+  hosts[#hosts + 1] = tonumber(live[i + 1])
+end
+local tickets = {}
+local queue = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
+for i = 1, #queue, 2 do
+  local exp = tonumber(redis.call('ZSCORE', KEYS[5], queue[i]) or '0')
+  if exp > now then
+    tickets[#tickets + 1] = queue[i]
+    tickets[#tickets + 1] = tonumber(queue[i + 1])
+    tickets[#tickets + 1] = exp
+  end
+end
+return {m[1], m[2] or '', tonumber(m[3]), used, tonumber(m[4]), now, tonumber(m[5]),
+        hosts, tickets, tonumber(m[6] or '0')}
+"""
+
+
+def _script(name: str, body: str) -> Script:
+    source = _PRELUDE + body
+    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+INIT = _script("init", _INIT)
+ACQUIRE = _script("acquire", _ACQUIRE)
+RENEW = _script("renew", _RENEW)
+RELEASE = _script("release", _RELEASE)
+RESIZE = _script("resize", _RESIZE)
+REGISTER = _script("register", _REGISTER)
+STATS = _script("stats", _STATS)
+
+#: every script, for loading them all at once
+SCRIPTS = (INIT, ACQUIRE, RENEW, RELEASE, RESIZE, REGISTER, STATS)
