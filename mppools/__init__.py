@@ -22,6 +22,7 @@ from mppools import pools
 from mppools._config import attach, close, configure, stats
 from mppools._errors import (
     BudgetInUseError,
+    BudgetNotFoundError,
     ConfigurationError,
     DamagedSegmentError,
     IncompatibleSegmentError,
@@ -31,7 +32,7 @@ from mppools._errors import (
     PermissionDeniedError,
     UnsupportedPlatformError,
 )
-from mppools._limiter._base import AuditReport, BudgetStats, HolderStats
+from mppools._limiter._base import AuditReport, BudgetStats, HolderStats, WaiterStats
 from mppools._limiter.posix import list_budgets, unlink
 from mppools.pools import (
     PoolGroup,
@@ -70,6 +71,7 @@ def audit() -> AuditReport:
 __all__ = [
     "AuditReport",
     "BudgetInUseError",
+    "BudgetNotFoundError",
     "BudgetStats",
     "ConfigurationError",
     "DamagedSegmentError",
@@ -82,6 +84,7 @@ __all__ = [
     "PoolGroup",
     "ProducerPool",
     "UnsupportedPlatformError",
+    "WaiterStats",
     "__version__",
     "attach",
     "audit",

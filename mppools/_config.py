@@ -2,7 +2,9 @@
 
 One budget per process at a time. ``configure`` is called by the master before it forks;
 forked children inherit the open budget (the fork handler rebuilds its in-process locks).
-Processes that were exec'd rather than forked call ``attach(name)``.
+Processes that were exec'd rather than forked call ``attach(name)``. The budget lives in a
+backend chosen by ``backend=`` (:func:`backend_for`): ``"posix"``, the default, shares it
+between the processes of this host; ``"memory"`` keeps it inside this process.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any
 
 from mppools import _fork, _green
 from mppools._errors import (
+    BudgetInUseError,
     ConfigurationError,
     NotConfiguredError,
     UnsupportedPlatformError,
 )
-from mppools._limiter._base import BudgetStats, Limiter
+from mppools._limiter._base import Backend, BudgetStats, Limiter
 from mppools._validate import check_limit, check_timeout
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "DEFAULT_HOLD_QUANTUM",
     "DEFAULT_IDLE_TIMEOUT",
     "attach",
+    "backend_for",
     "close",
     "configure",
     "current",
@@ -41,10 +45,12 @@ logger = logging.getLogger("mppools")
 DEFAULT_ACQUIRE_TIMEOUT = 10.0
 #: under contention a connection in active use is handed on at most once per this many
 #: seconds (see docs/concepts.md, "Contention"); idle ones are handed on at once
-DEFAULT_HOLD_QUANTUM = 0.2
+DEFAULT_HOLD_QUANTUM = 0.5
 MAX_HOLD_QUANTUM = 60.0
 #: idle pooled connections older than this are closed and their slots given back
 DEFAULT_IDLE_TIMEOUT = 300.0
+#: the backend of configure() and attach() without ``backend=``
+DEFAULT_BACKEND = "posix"
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class _Settings:
     capacity: int | None
     mode: int
     hold_quantum: float = 0.0
+    backend: str = DEFAULT_BACKEND
     generated: bool = False  # the name was made up by configure()
 
 
@@ -70,8 +77,34 @@ def current() -> Limiter | None:
     return _limiter
 
 
-def _check_platform() -> None:
-    if not sys.platform.startswith("linux"):
+def backend_for(spec: object) -> Backend:
+    """The backend that ``spec`` names: ``"posix"`` (this host's processes, the default) or
+    ``"memory"`` (this process only).
+
+    Raises:
+        ConfigurationError: ``spec`` is not a str naming a known backend.
+    """
+    if not isinstance(spec, str):
+        raise ConfigurationError(f"backend must be a str like 'posix', not {spec!r}")
+    if spec == "posix":
+        from mppools._limiter.posix import PosixLimiter, default_name, validate_name
+
+        return Backend(spec="posix", open=PosixLimiter.open, validate_name=validate_name,
+                       default_name=default_name, host_bound=True)
+    if spec == "memory":
+        from mppools._limiter.memory import BACKEND
+
+        return BACKEND
+    scheme, sep, _ = spec.partition("://")
+    what = f"scheme {scheme!r}" if sep else "name"
+    raise ConfigurationError(
+        f"unknown backend {spec!r} (unknown {what}): use 'posix' (the processes of this "
+        "host) or 'memory' (this process only)"
+    )
+
+
+def _check_platform(backend: Backend) -> None:
+    if backend.host_bound and not sys.platform.startswith("linux"):
         raise UnsupportedPlatformError(
             f"mppools' shared budget needs Linux (sem_timedwait, /proc, pidfd_open); this is "
             f"{sys.platform!r}. Unconfigured, mppools.pools still works like kombu.pools."
@@ -87,6 +120,7 @@ def configure(
     capacity: int | None = None,
     mode: int = 0o600,
     hold_quantum: float = DEFAULT_HOLD_QUANTUM,
+    backend: str = DEFAULT_BACKEND,
 ) -> Limiter:
     """Give this process, and every process it forks from now on, one budget of ``limit``.
 
@@ -105,10 +139,13 @@ def configure(
     timeout; ``idle_timeout`` closes pooled connections idle for longer; ``capacity`` is the
     largest limit :func:`set_limit` may grow to (default ``max(1024, limit)``); ``mode`` the
     permission bits of the shared objects (owner-only by default). ``hold_quantum`` (seconds)
-    is how long a connection in active use keeps its slot while others wait before it is
-    handed on: under contention each slot changes hands at most once per quantum, so the
-    connections carry messages rather than handshakes; an idle connection is handed on at
-    once whatever the quantum (0: hand on at every release).
+    caps how long a connection in active use keeps its slot while others wait before it is
+    handed on; within the cap each connection's quantum is 12 times what its set-up cost (at
+    least 10 ms), so under contention the connections carry messages rather than handshakes;
+    an idle connection is handed on at once whatever the quantum (0: hand on at every
+    release). ``backend`` is where the
+    budget lives (:func:`backend_for`): ``"posix"`` shares it between the processes of this
+    host, ``"memory"`` keeps it in this process (tests, single-process programs).
 
     Raises:
         ConfigurationError: an invalid argument (nothing is created), or a budget of that name
@@ -116,14 +153,13 @@ def configure(
         IncompatibleSegmentError: a segment of that name is not an mppools segment of this
             layout version.
         PermissionDeniedError: the shared objects belong to another user.
-        UnsupportedPlatformError: not Linux.
+        UnsupportedPlatformError: not Linux (for the POSIX backend).
     """
     global _limiter, _settings, _creator_pid
     check_limit(limit)
-    from mppools._limiter.posix import validate_name
-
+    chosen = backend_for(backend)
     if name is not None:
-        validate_name(name)
+        chosen.validate_name(name)
     acquire_timeout = check_timeout("acquire_timeout", acquire_timeout)
     idle_timeout = check_timeout("idle_timeout", idle_timeout)
     if capacity is not None:
@@ -140,8 +176,9 @@ def configure(
             f"hold_quantum must be a number of seconds from 0 to {MAX_HOLD_QUANTUM:g}, "
             f"not {hold_quantum!r}"
         )
-    _check_platform()
-    wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode, quantum)
+    _check_platform(chosen)
+    wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode, quantum,
+                       backend)
     with _lock:
         if _settings is not None and _limiter is not None:
             if _settings == wanted or (name is None and _settings.generated and
@@ -153,16 +190,14 @@ def configure(
                 f"{_settings.limit}); call mppools.close() before configuring {name!r} "
                 f"with limit {limit}"
             )
-        from mppools._limiter.posix import PosixLimiter
-
         options: dict[str, Any] = {
             "limit": limit, "capacity": capacity, "acquire_timeout": acquire_timeout,
             "idle_timeout": idle_timeout, "mode": mode, "hold_quantum": quantum}
         if name is None:
-            limiter = _create_unnamed(options)
+            limiter = _create_unnamed(chosen, options)
             wanted = replace(wanted, name=limiter.name, generated=True)
         else:
-            limiter = PosixLimiter.open(name, create=True, **options)
+            limiter = chosen.open(name, create=True, **options)
         _warn_if_pools_hold_connections()
         _limiter, _settings = limiter, wanted
         if limiter.is_creator():
@@ -170,44 +205,43 @@ def configure(
         return limiter
 
 
-def _create_unnamed(options: dict[str, Any]) -> Limiter:
+def _create_unnamed(backend: Backend, options: dict[str, Any]) -> Limiter:
     """A new budget under a generated name nobody could have squatted in advance."""
-    from mppools._limiter.posix import PosixLimiter, default_name
-
     for _ in range(16):
         try:
-            return PosixLimiter.open(default_name(), create=True, exclusive=True,
-                                     **options)
+            return backend.open(backend.default_name(), create=True, exclusive=True,
+                                **options)
         except FileExistsError:  # pragma: no cover - 48 random bits
             continue
     raise ConfigurationError("could not find a free budget name in 16 tries")  # pragma: no cover
 
 
-def attach(name: str) -> Limiter:
-    """Join the existing budget ``name`` (for processes that were exec'd, not forked).
+def attach(name: str, *, backend: str = DEFAULT_BACKEND) -> Limiter:
+    """Join the existing budget ``name`` of ``backend`` (for processes that were exec'd,
+    not forked).
 
     Raises:
-        NotConfiguredError: no budget of that name exists on this host.
+        BudgetNotFoundError: no budget of that name exists (on this host, for POSIX).
         IncompatibleSegmentError, PermissionDeniedError: as for :func:`configure`.
-        ConfigurationError: this process already uses another budget.
+        ConfigurationError: this process already uses another budget; an unknown backend.
     """
     global _limiter, _settings
-    from mppools._limiter.posix import PosixLimiter, validate_name
-
-    validate_name(name)
-    _check_platform()
+    chosen = backend_for(backend)
+    chosen.validate_name(name)
+    _check_platform(chosen)
     with _lock:
         if _limiter is not None:
-            if _limiter.name == name:
+            if _limiter.name == name and (_settings is None or _settings.backend == backend):
                 return _limiter
             raise ConfigurationError(
                 f"this process already uses budget {_limiter.name!r}; call mppools.close() "
                 f"before attaching to {name!r}"
             )
-        limiter = PosixLimiter.open(name, create=False)
+        limiter = chosen.open(name, create=False)
         _limiter = limiter
         _settings = _Settings(name, limiter.limit, limiter.acquire_timeout,
-                              limiter.idle_timeout, None, 0o600)
+                              limiter.idle_timeout, None, 0o600, limiter.hold_quantum,
+                              backend)
         return limiter
 
 
@@ -248,15 +282,11 @@ def close(*, unlink: bool | None = None) -> None:
 
     keeper().stop()
     try:
-        from mppools._errors import BudgetInUseError
-        from mppools._limiter.posix import PosixLimiter
-
-        if isinstance(limiter, PosixLimiter):
-            if unlink is True:
+        if unlink is True:
+            limiter.unlink(force=False)
+        elif unlink is None and creator == os.getpid():
+            with contextlib.suppress(BudgetInUseError):
                 limiter.unlink(force=False)
-            elif unlink is None and creator == os.getpid():
-                with contextlib.suppress(BudgetInUseError):
-                    limiter.unlink(force=False)
     finally:
         limiter.close()
 

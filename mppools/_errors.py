@@ -10,6 +10,7 @@ from kombu.exceptions import ConnectionLimitExceeded
 
 __all__ = [
     "BudgetInUseError",
+    "BudgetNotFoundError",
     "ConfigurationError",
     "DamagedSegmentError",
     "IncompatibleSegmentError",
@@ -83,8 +84,13 @@ class BudgetInUseError(MppoolsError, RuntimeError):
     """The operation needs a budget nobody uses, and live processes still use it."""
 
 
+class BudgetNotFoundError(MppoolsError, LookupError):
+    """No budget of that name exists (on this host, for the POSIX backend)."""
+
+
 class NotConfiguredError(MppoolsError, LookupError):
-    """No budget of that name exists on this host (or none was configured in this process)."""
+    """This process has no budget: call :func:`mppools.configure` or :func:`mppools.attach`
+    first."""
 
 
 class UnsupportedPlatformError(MppoolsError, OSError):

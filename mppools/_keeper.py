@@ -4,7 +4,8 @@ A process that holds a slot for an idle connection may be blocked for a long tim
 sync worker in ``accept()``) and never call mppools again. Its keeper thread, started the
 first time the process takes a slot, listens on a datagram socket the backend names (for the
 POSIX backend, a path in the budget's owner-only directory, reachable from every network
-namespace that shares it). A waiter in any process sends it a yield request
+namespace that shares it; a backend with no address gets an unbound socket that only times
+the idle sweep). A waiter in any process sends it a yield request
 ``(slot index, token)`` (:mod:`mppools._yield`); it is honoured only from a sender of our
 own uid (``SO_PASSCRED``) and only while someone really waits. The keeper takes that
 connection out of its local pool (only if it is still idle there, decided under the pool's
@@ -86,8 +87,7 @@ class Keeper:
         """Remember that ``conn`` holds the slot ``token``; start the thread if needed."""
         with self._lock:
             self._held[token] = weakref.ref(conn)
-            if address is None or self._starting or (
-                    self._thread is not None and self._address == address):
+            if self._starting or (self._thread is not None and self._address == address):
                 return
             self._starting = True
         try:
@@ -110,8 +110,9 @@ class Keeper:
         return [c for c in (r() for r in refs) if c is not None]
 
     # the thread ----------------------------------------------------------------------------
-    def _prepare(self, address: str | bytes) -> threading.Thread | None:
-        """Bind the socket and make (not start) the thread; None if the bind failed."""
+    def _prepare(self, address: str | bytes | None) -> threading.Thread | None:
+        """Bind the socket (to ``address``; None: unbound, the thread only sweeps idle
+        connections) and make (not start) the thread; None if the bind failed."""
         with self._lock:
             self._stop_locked()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -123,7 +124,8 @@ class Keeper:
                     # keeper of ours
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(address)
-                sock.bind(address)
+                if address is not None:
+                    sock.bind(address)
             except OSError:
                 # another object of this process already serves that address (should not
                 # happen): idle yield is then off for this process, the limit still holds
@@ -179,11 +181,15 @@ class Keeper:
             if token is not None and _sender_trusted(ancdata) and _someone_waits():
                 self._yield_token(token)
 
-    def _next_sweep_in(self) -> float:
+    @staticmethod
+    def _idle_timeout() -> float | None:
         from mppools import _config
 
         limiter = _config.current()
-        timeout = getattr(limiter, "idle_timeout", None) if limiter is not None else None
+        return limiter.idle_timeout if limiter is not None else None
+
+    def _next_sweep_in(self) -> float:
+        timeout = self._idle_timeout()
         if not timeout:
             return 60.0
         return float(max(min(timeout / 4, 60.0), 0.05))
@@ -209,10 +215,7 @@ class Keeper:
             conn._mppools_close_taken()
 
     def _sweep_idle(self) -> None:
-        from mppools import _config
-
-        limiter = _config.current()
-        timeout = getattr(limiter, "idle_timeout", None) if limiter is not None else None
+        timeout = self._idle_timeout()
         if not timeout:
             return
         now = time.monotonic()

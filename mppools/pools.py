@@ -42,7 +42,7 @@ from kombu.utils.functional import lazy
 from mppools import _config, _fork
 from mppools._errors import ConfigurationError
 from mppools._keeper import keeper
-from mppools._limiter._base import Limiter, Slot
+from mppools._limiter._base import PRESSURE_DEBT, STATE_BUSY, STATE_IDLE, Limiter, Slot
 from mppools._transports import transport_for
 from mppools._validate import check_limit, check_local_limit, check_wait_timeout
 
@@ -68,10 +68,6 @@ use_global_limit = _kombu_pools.use_global_limit
 disable_limit_protection = _kombu_pools.disable_limit_protection
 
 _limit = [10]
-_BUSY, _IDLE = 1, 2  # mppools._slots.SlotState values, as plain ints for the warm path
-#: bit of the pressure byte set while the budget is over its limit (mppools._slots.PRESSURE_DEBT;
-#: bit 0 means someone waits)
-_DEBT = 2
 _groups: list[PoolGroup] = []
 
 
@@ -236,8 +232,8 @@ class LimitedConnectionPool(ConnectionPool):
                 # lock, no syscall
                 view = conn._mppools_view
                 try:
-                    if not view[conn._mppools_pressure_at] & _DEBT:
-                        view[at] = _BUSY
+                    if not view[conn._mppools_pressure_at] & PRESSURE_DEBT:
+                        view[at] = STATE_BUSY
                         return conn
                 except ValueError:  # the budget was closed meanwhile (mppools.close())
                     conn._mppools_view, conn._mppools_at = None, -1
@@ -256,7 +252,7 @@ class LimitedConnectionPool(ConnectionPool):
             self._requeue_last(conn)
             if deadline is not None:
                 timeout = _remaining(deadline)
-        if _config._limiter is None:
+        if _config.current() is None:
             return conn
         try:
             if deadline is None and block:
@@ -300,14 +296,14 @@ class LimitedConnectionPool(ConnectionPool):
             view = resource._mppools_view
             try:
                 pressure = view[resource._mppools_pressure_at]
-                if pressure and (pressure & _DEBT or
+                if pressure and (pressure & PRESSURE_DEBT or
                                  time.monotonic() >= resource._mppools_hand_on_at):
                     # someone waits and this connection had its quantum (or the budget
                     # shrank): hand the slot on, don't idle
                     resource._mppools_close_taken()
                 else:
                     resource._mppools_idle_since = time.monotonic()
-                    view[at] = _IDLE
+                    view[at] = STATE_IDLE
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:

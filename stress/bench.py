@@ -750,7 +750,7 @@ def fig_footprint(plan: Plan) -> list[Row]:
     lim = mppools.configure(limit=8, name=budget_name())
     try:
         seg = int(lim.stats().extra["segment_bytes"])
-        cap = int(lim.stats().capacity)
+        cap = int(lim.stats().extra["capacity"])
     finally:
         mppools.close()
     raw_name = budget_name() + ".raw"

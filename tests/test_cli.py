@@ -17,7 +17,7 @@ import pytest
 
 import mppools
 from mppools.__main__ import main as console_main
-from mppools._limiter._base import BudgetStats, HolderStats
+from mppools._limiter._base import BudgetStats, HolderStats, WaiterStats
 from mppools._limiter.posix import PosixLimiter, exists
 from mppools.cli import main, render_prometheus
 
@@ -362,9 +362,12 @@ def test_demo_cleans_up_on_ctrl_c(name: str) -> None:
 def test_render_prometheus_format() -> None:
     now = time.time()
     stats = BudgetStats(
-        name="web", limit=3, in_use=2, free=1, waiting=4, debt=0, capacity=1024,
-        holders=(HolderStats(pid=11, slots=2, idle=1, busy=1, since=now, alive=True),),
-        waiter_pids=(12, 13, 14, 15), creator_pid=10, created_at=now, acquired_total=7,
+        name="web", backend="posix", host="h1", limit=3, in_use=2, free=1, waiting=4,
+        debt=0,
+        holders=(HolderStats(host="h1", pid=11, slots=2, idle=1, busy=1, since=now,
+                             alive=True),),
+        waiters=tuple(WaiterStats(host="h1", pid=p) for p in (12, 13, 14, 15)),
+        creator_pid=10, created_at=now, acquired_total=7,
         reclaimed_total=1, timeouts_total=5, acquire_timeout=10.0, idle_timeout=None,
     )
     text = render_prometheus([stats, dataclasses.replace(stats, name="b2", holders=())])

@@ -117,7 +117,7 @@ def test_configure_mode(mode: object, nothing_created: str) -> None:
 
 def test_configure_accepts_the_largest_capacity(budget_name: str) -> None:
     limiter = mppools.configure(2, name=budget_name, capacity=MAX_CAPACITY, idle_timeout=None)
-    assert limiter.stats().capacity == MAX_CAPACITY
+    assert limiter.stats().extra["capacity"] == MAX_CAPACITY
     mppools.set_limit(MAX_CAPACITY)
     assert mppools.stats().limit == MAX_CAPACITY
 

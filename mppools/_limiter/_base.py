@@ -1,15 +1,54 @@
 """The limiter interface the pools talk to, and the snapshots it returns.
 
 A limiter hands out *slots* of one budget. The pools never know which backend they use; a
-backend implements :class:`Limiter` (acquire / release / mark / audit / stats / resize).
+backend implements :class:`Limiter` (acquire / release / audit / stats / resize / unlink) and
+is picked by ``configure(backend=...)`` (see :func:`mppools._config.backend_for`).
+
+The warm path of the pools touches no method at all when a backend offers :meth:`cells`: it
+stores :data:`STATE_BUSY` / :data:`STATE_IDLE` into the slot's state byte and reads the bits
+:data:`PRESSURE_WAITING` / :data:`PRESSURE_DEBT` of the budget's pressure byte. Those values
+are defined here, once, so that every backend with cells gives them the same meaning.
 """
 
 from __future__ import annotations
 
 import abc
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Final
 
-__all__ = ["AuditReport", "BudgetStats", "HolderStats", "Limiter", "Slot"]
+from mppools import _fork
+
+__all__ = [
+    "PRESSURE_DEBT",
+    "PRESSURE_WAITING",
+    "STATE_BUSY",
+    "STATE_FREE",
+    "STATE_IDLE",
+    "AuditReport",
+    "Backend",
+    "BudgetStats",
+    "HolderStats",
+    "Limiter",
+    "Slot",
+    "WaiterStats",
+    "local_host",
+]
+
+#: values of a slot's state byte (see :meth:`Limiter.cells`)
+STATE_FREE: Final = 0
+STATE_BUSY: Final = 1
+STATE_IDLE: Final = 2
+#: bits of the pressure byte (see :meth:`Limiter.cells`): someone waits for a slot; the
+#: budget holds more slots than its limit (after a forced shrink)
+PRESSURE_WAITING: Final = 1
+PRESSURE_DEBT: Final = 2
+
+
+def local_host() -> str:
+    """The name this host goes by in stats (its host name)."""
+    return socket.gethostname()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +66,11 @@ class Slot:
     acquired_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HolderStats:
-    """What one process holds, as seen in the shared table."""
+    """What one process (``pid`` on ``host``) holds of the budget."""
 
+    host: str
     pid: int
     slots: int
     idle: int
@@ -39,19 +79,33 @@ class HolderStats:
     alive: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaiterStats:
+    """One process (``pid`` on ``host``) waiting for a slot."""
+
+    host: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetStats:
-    """A frozen snapshot of one budget, taken under its mutex."""
+    """A frozen snapshot of one budget, taken at one instant (under its mutex, for POSIX).
+
+    Backend-neutral: ``holders`` and ``waiters`` name processes by host and pid; ``host`` is
+    the host the snapshot was taken on; figures that only one backend has (the POSIX
+    capacity, semaphore value, segment size) are in ``extra``.
+    """
 
     name: str
+    backend: str
+    host: str
     limit: int
     in_use: int
     free: int
     waiting: int
     debt: int
-    capacity: int
     holders: tuple[HolderStats, ...]
-    waiter_pids: tuple[int, ...]
+    waiters: tuple[WaiterStats, ...]
     creator_pid: int
     created_at: float
     acquired_total: int
@@ -60,32 +114,65 @@ class BudgetStats:
     acquire_timeout: float | None
     idle_timeout: float | None
     hold_quantum: float = 0.0
-    backend: str = "posix"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditReport:
+    """What an audit found on ``host``: slots and waiters of dead processes it reclaimed.
+
+    Backend-specific figures (the POSIX semaphore correction) are in ``extra``.
+    """
+
+    host: str
+    reclaimed_slots: tuple[tuple[int, int], ...] = ()  # (pid, slot index), pids of host
+    dropped_waiters: tuple[int, ...] = ()  # pids of host
     extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
-class AuditReport:
-    """What an audit found: slots and waiters of dead processes that it reclaimed."""
+class Backend:
+    """How ``configure(backend=...)`` reaches one backend.
 
-    reclaimed_slots: tuple[tuple[int, int], ...]  # (pid, slot index)
-    dropped_waiters: tuple[int, ...]  # pids
-    semaphore_corrected: int  # units posted (+) or taken (-) to make the semaphore exact
+    ``open(name, create=..., **options)`` opens (or creates) a budget, taking the options of
+    :func:`mppools.configure`; ``validate_name`` raises ConfigurationError for a name the
+    backend cannot hold; ``default_name`` makes a fresh name nobody can predict;
+    ``host_bound`` is True when the budget needs this platform's shared objects (Linux).
+    """
+
+    spec: str
+    open: Callable[..., Limiter]
+    validate_name: Callable[[str], object]
+    default_name: Callable[[], str]
+    host_bound: bool = False
 
 
 class Limiter(abc.ABC):
-    """A budget of slots shared by every process that uses the same name."""
+    """A budget of slots shared by every process that uses the same name.
 
+    A backend calls ``super().__init__(name)``: that registers the limiter with the fork
+    handler, which calls :meth:`after_fork_in_child` in every forked child.
+    """
+
+    #: the backend's name in stats (``"posix"``, ``"memory"``)
+    backend: ClassVar[str] = "?"
     name: str
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # limiters first: pools and keepers rebuilt after them may call into them
+        _fork.register(self, priority=0)
 
     @abc.abstractmethod
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
         """Take one slot.
 
-        ``timeout=None`` waits for the budget's configured ``acquire_timeout``.
+        ``timeout=None`` waits for the budget's configured ``acquire_timeout``. Waiters are
+        served in the order they came (FIFO); a slot given back goes to the oldest waiter.
 
         Raises:
             LimitExceeded: no slot in time (at once if ``block`` is false).
+            ConfigurationError: ``timeout`` is not None or a finite number of seconds >= 0.
         """
 
     @abc.abstractmethod
@@ -95,10 +182,18 @@ class Limiter(abc.ABC):
     def mark_idle(self, slot: Slot) -> None:  # noqa: B027 - optional hook
         """Note that the connection holding ``slot`` sits idle in a local pool (cheap)."""
 
+    def mark_busy(self, slot: Slot) -> None:  # noqa: B027 - optional hook
+        """Note that the connection holding ``slot`` is in use (cheap)."""
+
     def cells(self, slot: Slot) -> tuple[memoryview, int, int] | None:
-        """Where the warm path may store ``slot``'s IDLE/BUSY byte and read the pressure
-        flag without a call: ``(view, state offset, pressure offset)``; None if the backend
-        has no such cells (then :meth:`mark_idle` / :meth:`under_pressure` are called)."""
+        """Where the warm path may store ``slot``'s state byte and read the pressure byte
+        without a call: ``(view, state offset, pressure offset)``.
+
+        The pools store :data:`STATE_BUSY` / :data:`STATE_IDLE` at the state offset and test
+        :data:`PRESSURE_WAITING` / :data:`PRESSURE_DEBT` at the pressure offset; a view that
+        raises ValueError (released) means the budget was closed. None if the backend has no
+        such cells: then :meth:`mark_idle` / :meth:`mark_busy` / :meth:`under_pressure` /
+        :meth:`in_debt` are called instead."""
         return None
 
     def under_pressure(self) -> bool:
@@ -130,9 +225,6 @@ class Limiter(abc.ABC):
         """The wait bound of an acquire without an explicit timeout (None: forever)."""
         return None
 
-    def mark_busy(self, slot: Slot) -> None:  # noqa: B027 - optional hook
-        """Note that the connection holding ``slot`` is in use (cheap)."""
-
     @abc.abstractmethod
     def audit(self) -> AuditReport:
         """Reclaim the slots of dead processes and make the free count exact."""
@@ -145,6 +237,10 @@ class Limiter(abc.ABC):
     def resize(self, limit: int, *, force: bool = False) -> None:
         """Change the limit for every process.
 
+        Growing hands the new slots to waiters at once. Shrinking below the slots in use
+        needs ``force``: the difference is then a debt, paid by the next releases before
+        anything is handed on (:meth:`in_debt` is true meanwhile).
+
         Raises:
             BudgetInUseError: shrinking below the slots in use without ``force``.
             ConfigurationError: ``limit`` is not a positive int within the capacity.
@@ -155,8 +251,18 @@ class Limiter(abc.ABC):
     def limit(self) -> int:
         """The current limit (a memory read)."""
 
+    @abc.abstractmethod
+    def unlink(self, *, force: bool = False) -> None:
+        """Remove the budget itself, so that nobody can open it by name any more (this
+        process's handle stays usable until :meth:`close`).
+
+        Raises:
+            BudgetInUseError: other live processes use it, and not ``force``.
+        """
+
     def keeper_address(self) -> str | bytes | None:
-        """Where this process receives idle-yield requests, or None if the backend has none."""
+        """Where this process receives idle-yield requests, or None if the backend has none
+        (the keeper then only closes connections idle for longer than ``idle_timeout``)."""
         return None
 
     def is_creator(self) -> bool:
@@ -164,7 +270,13 @@ class Limiter(abc.ABC):
         return False
 
     def after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
-        """Rebuild in-process state in a forked child (called by the fork handler)."""
+        """Rebuild in-process state (locks, threads' records) in a forked child. Called by
+        the fork handler, before any pool is rebuilt; slots inherited from the parent are
+        inert here (their epoch is the parent's)."""
+
+    def _after_fork_in_child(self) -> None:
+        # the fork handler's protocol (mppools._fork); backends override the public hook
+        self.after_fork_in_child()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Detach this process from the budget (slots it holds stay with it until released)."""

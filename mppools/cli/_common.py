@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 from mppools import _config
 from mppools._errors import (
+    BudgetNotFoundError,
     DamagedSegmentError,
     IncompatibleSegmentError,
-    NotConfiguredError,
     PermissionDeniedError,
 )
 from mppools._limiter._base import BudgetStats
@@ -61,7 +61,7 @@ def open_budget(name: str) -> Iterator[PosixLimiter]:
     is closed.
 
     Raises:
-        NotConfiguredError, IncompatibleSegmentError, PermissionDeniedError,
+        BudgetNotFoundError, IncompatibleSegmentError, PermissionDeniedError,
         ConfigurationError: as :meth:`PosixLimiter.open`.
     """
     current = _config.current()
@@ -124,7 +124,7 @@ def broken_kind(name: str, exc: BaseException) -> str:
         return f"layout version {version}"
     if isinstance(exc, IncompatibleSegmentError):
         return "damaged"
-    if isinstance(exc, NotConfiguredError):
+    if isinstance(exc, BudgetNotFoundError):
         return "incomplete"
     if isinstance(exc, PermissionDeniedError):
         return "not accessible"

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import psutil
 
 import mppools
-from mppools._errors import MppoolsError, NotConfiguredError
+from mppools._errors import BudgetNotFoundError, MppoolsError
 from mppools._limiter._base import AuditReport, BudgetStats, HolderStats
 from mppools._limiter.posix import exists
 from mppools.cli._common import (
@@ -85,8 +85,8 @@ def format_budget(
     what is wrong in its tables)."""
     now = time.time() if now is None else now
     lines = [
-        f"budget {stats.name!r}  ({stats.backend}, created by pid {stats.creator_pid} "
-        f"{format_age(now - stats.created_at)} ago)",
+        f"budget {stats.name!r}  ({stats.backend} on {stats.host}, created by pid "
+        f"{stats.creator_pid} {format_age(now - stats.created_at)} ago)",
         f"  limit {stats.limit}   in use {stats.in_use}   free {stats.free}   "
         f"waiting {stats.waiting}   debt {stats.debt}",
         f"  acquired {stats.acquired_total}   reclaimed {stats.reclaimed_total}   "
@@ -102,9 +102,13 @@ def format_budget(
         cmd_width = max(width - len(head), 20)
         for h in stats.holders:
             since = format_time(h.since)
-            command = command_line(h.pid, cmd_width) if h.alive else (
-                f"(dead: run `mppools reclaim {stats.name}`)"
-            )
+            local = h.host == stats.host
+            if not h.alive:
+                command = f"(dead: run `mppools reclaim {stats.name}`)"
+            elif local:
+                command = command_line(h.pid, cmd_width)
+            else:
+                command = f"(on host {h.host})"
             lines.append(
                 f"  {h.pid:>8}  {h.slots:>5}  {holder_state(h):<14}  "
                 f"{format_age(now - h.since):>8}  {since:<8}  {command}"
@@ -113,8 +117,10 @@ def format_budget(
         if dead:
             lines.append(f"  {dead} dead holder(s): their slots are reclaimed by the next "
                          f"audit (a waiter, or `mppools reclaim {stats.name}`)")
-    if stats.waiter_pids:
-        lines.append("  waiting pids: " + ", ".join(map(str, stats.waiter_pids)))
+    if stats.waiters:
+        lines.append("  waiting pids: " + ", ".join(
+            str(w.pid) if w.host == stats.host else f"{w.host}/{w.pid}"
+            for w in stats.waiters))
     if damage:
         lines.append(f"  DAMAGED: {'; '.join(damage)}: {_reclaim_hint(stats.name)}")
     return "\n".join(lines)
@@ -155,11 +161,11 @@ def stats_to_dict(stats: BudgetStats, *, now: float | None = None) -> dict[str, 
             **dataclasses.asdict(h),
             "state": holder_state(h).lower(),
             "age": round(now - h.since, 3),
-            "cmdline": command_line(h.pid, 200) if h.alive else None,
+            "cmdline": (command_line(h.pid, 200) if h.alive and h.host == stats.host
+                        else None),
         }
         for h in stats.holders
     ]
-    data["waiter_pids"] = list(stats.waiter_pids)
     return data
 
 
@@ -190,7 +196,7 @@ def _collect(name: str | None) -> tuple[list[_Inspected], list[_Broken]]:
     for each in list_budget_names():
         try:
             snapshots.append(inspect_budget(each))
-        except NotConfiguredError as exc:
+        except BudgetNotFoundError as exc:
             if exists(each):  # else it was removed while we listed: not ours to report
                 broken.append((each, broken_kind(each, exc), str(exc)))
         except Exception as exc:
@@ -310,8 +316,9 @@ def format_audit(name: str, report: AuditReport, stats: BudgetStats) -> str:
     if report.dropped_waiters:
         lines.append("dropped dead waiters: pids "
                      + ", ".join(map(str, sorted(report.dropped_waiters))))
-    if report.semaphore_corrected:
-        lines.append(f"semaphore corrected by {report.semaphore_corrected:+d}")
+    corrected = report.extra.get("semaphore_corrected")
+    if isinstance(corrected, int) and corrected:
+        lines.append(f"semaphore corrected by {corrected:+d}")
     if not lines:
         lines.append(f"nothing to reclaim in budget {name!r}")
     lines.append(f"now: limit {stats.limit}, in use {stats.in_use}, free {stats.free}, "
@@ -332,9 +339,10 @@ def run_reclaim(name: str, *, as_json: bool = False, out: TextIO | None = None) 
     if as_json:
         print(json.dumps({
             "name": name,
+            "host": report.host,
             "reclaimed_slots": [{"pid": p, "slot": i} for p, i in report.reclaimed_slots],
             "dropped_waiters": list(report.dropped_waiters),
-            "semaphore_corrected": report.semaphore_corrected,
+            **report.extra,
             "stats": stats_to_dict(stats),
         }, default=str, indent=2), file=out)
     else:
@@ -349,7 +357,7 @@ def run_unlink(name: str, *, force: bool = False, out: TextIO | None = None) -> 
 
     Raises:
         BudgetInUseError: live processes use it and not ``force``.
-        NotConfiguredError: no such budget.
+        BudgetNotFoundError: no such budget.
     """
     out = sys.stdout if out is None else out
     mppools.unlink(name, force=force)

@@ -28,7 +28,7 @@ import time
 
 from mppools import _fork
 from mppools._errors import DamagedSegmentError
-from mppools._limiter._base import AuditReport, Slot
+from mppools._limiter._base import AuditReport, Slot, local_host
 from mppools._slots import (
     ACQUIRED_AT,
     FLAGS_AT,
@@ -444,7 +444,10 @@ class Books:
         # units handed to waiters are not a correction of the semaphore
         if wakes:
             correction = 0 if correction == len(wakes) else correction
-        return AuditReport(tuple(reclaimed), tuple(dropped), correction), wakes
+        report = AuditReport(host=local_host(), reclaimed_slots=tuple(reclaimed),
+                             dropped_waiters=tuple(dropped),
+                             extra={"semaphore_corrected": correction})
+        return report, wakes
 
     def live_users(self, me: Me) -> dict[int, int]:
         """Live processes that hold or wait for slots: owner -> pid (also of a budget whose

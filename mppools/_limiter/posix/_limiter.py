@@ -34,9 +34,9 @@ from typing import Any
 from mppools import _fork, _green
 from mppools._errors import (
     BudgetInUseError,
+    BudgetNotFoundError,
     ConfigurationError,
     LimitExceeded,
-    BudgetNotFoundError,
     PermissionDeniedError,
 )
 from mppools._limiter._base import (
@@ -663,8 +663,8 @@ class PosixLimiter(Limiter):
             acquire_timeout=_timeout_value(header.acquire_timeout),
             idle_timeout=_timeout_value(header.idle_timeout),
             hold_quantum=header.hold_quantum,
-            extra={"capacity": header.capacity, "semaphore": sem_value, "generation": header.generation,
-                   "segment_bytes": len(self._view)},
+            extra={"capacity": header.capacity, "semaphore": sem_value,
+                   "generation": header.generation, "segment_bytes": len(self._view)},
         )
 
     def keeper_address(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import posix_ipc
 
-from mppools._errors import IncompatibleSegmentError, NotConfiguredError, PermissionDeniedError
+from mppools._errors import BudgetNotFoundError, IncompatibleSegmentError, PermissionDeniedError
 from mppools._slots import HEADER_SIZE, LAYOUT_VERSION, MAGIC, SLOT_SIZE, WAITER_SIZE, Header, Table
 
 from ._names import rendezvous_dir, sem_name, sem_path, shm_name, shm_path, tokens_path
@@ -78,7 +78,7 @@ def open_tokens(name: str, *, create: bool) -> int:
     children).
 
     Raises:
-        NotConfiguredError: it does not exist and not ``create``.
+        BudgetNotFoundError: it does not exist and not ``create``.
         PermissionDeniedError: it belongs to another user or is not a regular file.
     """
     path = tokens_path(name)
@@ -86,7 +86,7 @@ def open_tokens(name: str, *, create: bool) -> int:
     try:
         fd = os.open(path, flags, 0o600)
     except FileNotFoundError:
-        raise NotConfiguredError(
+        raise BudgetNotFoundError(
             f"budget {name!r} has no token file ({path}); it was made by another mppools "
             f"version or is being removed"
         ) from None
@@ -107,7 +107,7 @@ def open_shm(name: str, *, create: bool, size: int, mode: int) -> tuple[Any, boo
     """Open (with ``create``, create) the segment; ``(shm, created)``.
 
     Raises:
-        NotConfiguredError: no such budget and not ``create``.
+        BudgetNotFoundError: no such budget and not ``create``.
         PermissionDeniedError: it cannot be opened or belongs to another user.
     """
     created = False
@@ -122,7 +122,7 @@ def open_shm(name: str, *, create: bool, size: int, mode: int) -> tuple[Any, boo
         else:
             shm = posix_ipc.SharedMemory(shm_name(name), 0)
     except posix_ipc.ExistentialError:
-        raise NotConfiguredError(f"no mppools budget named {name!r} on this host") from None
+        raise BudgetNotFoundError(f"no mppools budget named {name!r} on this host") from None
     except posix_ipc.PermissionsError:
         raise PermissionDeniedError(
             f"permission denied opening budget {name!r} ({shm_path(name)})"
