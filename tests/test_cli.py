@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from mppools.__main__ import main as console_main
 from mppools._limiter._base import BudgetStats, HolderStats, WaiterStats
 from mppools._limiter.posix import PosixLimiter, exists
 from mppools.cli import main, render_prometheus
+from mppools.cli._demo import DemoOptions, run_demo
 
 METRICS = (
     "mppools_slots_limit",
@@ -328,6 +331,100 @@ def test_demo_subprocess(name: str) -> None:
     finally:
         if exists(demo):
             mppools.unlink(demo, force=True)
+
+
+_KILL_LINE = re.compile(r"SIGKILL pid (\d+) holding (\d+) slot\(s\): (.*)")
+_TIMED = re.compile(r"(slot back in|the master's audit took the slot back) \d+\.\d ms")
+_SUMMARY_KILLS = re.compile(r"kills {15}(\d+), (\d+) timed")
+_LIVE_KILLS = re.compile(r" kills (\d+) timed (\d+) reclaim p50 (\S+)")
+_RECLAIMED = re.compile(r"(\d+) slot\(s\) since the start \(budget counter; the kills' "
+                        r"victims held (\d+)")
+
+
+@pytest.mark.timeout(90)
+def test_demo_times_every_kill_and_reconciles(name: str) -> None:
+    """Every kill is timed (none "not timed"); the last live line, the events and the summary
+    give the same counts; no "0.0 ms" stands for a reclaim time before the first sample."""
+    demo = f"{name}-kills"
+    try:
+        done = _run("demo", "--seconds", "5", "--workers", "4", "--limit", "2",
+                    "--kill-every", "0.7", "--name", demo, "--seed", "3", timeout=80)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        out = done.stdout
+        head, summary = out.split("mppools demo summary", 1)
+        kills = [_KILL_LINE.search(line) for line in head.splitlines()]
+        events = [m for m in kills if m is not None]
+        assert events, out
+        assert "not timed" not in out
+        for m in events:
+            assert _TIMED.search(m.group(3)), m.group(0)
+        live = [m for m in map(_LIVE_KILLS.search, head.splitlines()) if m is not None]
+        assert live, out
+        for m in live:
+            assert m.group(1) == m.group(2)  # every kill so far is timed
+            if m.group(1) == "0":
+                assert m.group(3) == "\u2013", m.group(0)  # a dash, not 0.0 ms
+        assert live[-1].group(1) == str(len(events))  # the final live line is up to date
+        total = _SUMMARY_KILLS.search(summary)
+        assert total is not None, summary
+        assert total.group(1) == total.group(2) == str(len(events)), summary
+        reclaimed = _RECLAIMED.search(summary)
+        assert reclaimed is not None, summary
+        assert int(reclaimed.group(2)) == sum(int(m.group(2)) for m in events)
+        if "died on their own" not in summary:
+            assert reclaimed.group(1) == reclaimed.group(2), summary
+        assert "reclaim p50 " in summary and "p50 0.0 ms" not in summary
+        # what L connections carry, measured before (and after) the run, beside the rate
+        assert re.search(r"what 2 connection\(s\) carry alone: [\d,]+ msg/s", out), out
+        assert re.search(r"messages published  \d+ \(\d+/s; 2 connection\(s\) alone carry "
+                         r"[\d,]+/s: \d+\.\d\d\S of that\)", summary), summary
+        assert "slow acquire: waited > 10 ms for a slot" in summary
+        assert "debt: slots in use above the limit" in summary
+        assert not [e for e in os.listdir("/dev/shm") if demo in e]
+    finally:
+        if exists(demo):
+            mppools.unlink(demo, force=True)
+
+
+class _FakeTTY(io.StringIO):
+    """What the demo writes to a terminal, kept (every frame starts with a clear screen)."""
+
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.timeout(90)
+def test_demo_live_view_explains_and_shows_a_dash_before_samples(name: str) -> None:
+    """The terminal view explains "slow acquires" and "debt" in every frame, shows an en dash (not
+    "0.0 ms") for reclaim times before the first kill, and its last frame agrees with the
+    summary."""
+    out = _FakeTTY()
+    code = run_demo(DemoOptions(workers=3, limit=2, seconds=2.5, kill_every=1.0,
+                                name=f"{name}-tty", seed=5, calibrate=0.2), out)
+    assert code == 0, out.getvalue()
+    text = out.getvalue()
+    frames = [f for f in text.split("\x1b[H\x1b[2J") if f.startswith("mppools demo \u2014 budget")]
+    assert len(frames) >= 3, text
+    before = [f for f in frames if "\nkills      0, 0 timed" in f]
+    assert before, frames[0]
+    for frame in before:
+        assert "reclaim p50 \u2013  p99 \u2013  max \u2013" in frame
+        assert "0.0 ms" not in frame
+    for frame in frames:
+        assert "slow acquire: waited > 10 ms" in frame
+        assert "debt: slots in use above the limit" in frame
+        assert "hold quantum" in frame
+        assert re.search(r"published  \d+ messages \(now \d+/s; 2 connection\(s\) alone "
+                         r"carry [\d,]+/s", frame), frame
+    last = re.search(r"\nkills      (\d+), (\d+) timed", frames[-1])
+    summary = _SUMMARY_KILLS.search(text.split("mppools demo summary", 1)[1])
+    assert last is not None and summary is not None
+    assert last.group(1) == last.group(2) == summary.group(1) == summary.group(2)
+    assert int(summary.group(1)) >= 1, text
+    assert not exists(f"{name}-tty")
 
 
 @pytest.mark.timeout(60)

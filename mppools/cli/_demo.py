@@ -1,14 +1,21 @@
 """``mppools demo``: forked publishers share one small budget while workers get SIGKILLed.
 
 No server is needed: by default the workers publish through kombu's ``filesystem://``
-transport into a temporary directory. The master never takes a slot; it watches the budget
+transport into a temporary directory. Before the run, ``limit`` workers publish for a moment
+through plain kombu pools (no budget): what ``limit`` connections carry alone, shown beside
+the demo's own throughput. The master never takes a slot; it watches the budget
 (``mppools.stats()``), kills a random slot holder every few seconds, measures how long the
 slot takes to come back, forks a replacement, and at the end checks that the number of slots
 in use never went above the limit.
+
+Every kill is timed: the master stops a worker (SIGSTOP) that is inside its ``with
+producers[...].acquire()`` block, so holds a slot and is outside mppools' code, and only
+then SIGKILLs it; a worker caught between two acquires is continued and another one tried.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import mmap
@@ -40,14 +47,19 @@ from mppools.cli._common import (
 __all__ = ["DemoOptions", "percentile", "run_demo"]
 
 QUEUE = "mppools-demo"
-#: per seat: published, acquire timeouts, errors, slow acquires (> SLOW seconds)
-_FIELDS = 4
-_PUBLISHED, _TIMEOUTS, _ERRORS, _SLOW = range(_FIELDS)
+#: per seat: published, acquire timeouts, errors, slow acquires (> SLOW seconds), and 1
+#: while the worker is inside its ``with pool.acquire()`` block (it holds a slot)
+_FIELDS = 5
+_PUBLISHED, _TIMEOUTS, _ERRORS, _SLOW, _HOLDING = range(_FIELDS)
 _ERROR_BYTES = 200
 SLOW = 0.010
 #: how long the master polls for a killed holder's slot before it runs an audit itself
 RECLAIM_BOUND = 1.0
 REFRESH = 0.25
+#: the live view's throughput is the rate over this many seconds
+RATE_WINDOW = 2.0
+#: how many workers a kill tries (stop, look, continue) before it waits for the next round
+_KILL_TRIES = 4
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -63,14 +75,17 @@ class DemoOptions:
     name: str | None = None
     acquire_timeout: float = 5.0
     seed: int | None = None
+    #: seconds of the run of ``limit`` workers without a budget before the demo (what
+    #: ``limit`` connections carry alone); None: 5 % of ``seconds``, 0.2 to 1 s; 0: skip
+    calibrate: float | None = None
 
 
 @dataclass
 class _Kill:
     pid: int
     slots: int
-    latency: float
-    #: "reclaimed" (by a waiter's audit), "audit" (the master's), "released" (not timed)
+    latency: float  # SIGKILL -> the slot is free or handed over (every kill is timed)
+    #: "waiter" (a waiting worker's audit took it back), "audit" (the master's: nobody waited)
     outcome: str
     exited: float | None = None  # SIGKILL -> the process is gone (pidfd readable)
     replacement: int = 0
@@ -90,6 +105,20 @@ class _State:
     broker_baseline: int | None = None
     broker_peak: int | None = None
     interrupted: bool = False
+    reclaimed_at_start: int = 0
+    ended: float = 0.0
+    #: msgs/s of ``limit`` workers without a budget, before and after the run (what was
+    #: measured), and why not when nothing was
+    carry_rates: list[float] = field(default_factory=list)
+    carry_seconds: float = 0.0
+    carry_note: str = ""
+
+    @property
+    def carry_rate(self) -> float | None:
+        if not self.carry_rates:
+            return None
+        return sum(self.carry_rates) / len(self.carry_rates)
+    hold_quantum: float = 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,6 +143,12 @@ class _Counters:
 
     def add(self, seat: int, what: int, n: int = 1) -> None:
         self._cells[seat * _FIELDS + what] += n
+
+    def put(self, seat: int, what: int, value: int) -> None:
+        self._cells[seat * _FIELDS + what] = value
+
+    def get(self, seat: int, what: int) -> int:
+        return int(self._cells[seat * _FIELDS + what])
 
     def total(self, what: int) -> int:
         return sum(self._cells[seat * _FIELDS + what] for seat in range(self.seats))
@@ -151,6 +186,10 @@ class _ExitWatcher:
         self._thread = threading.Thread(target=self._watch, name="mppools-demo-exit",
                                         daemon=True)
         self._thread.start()
+
+    @property
+    def died(self) -> bool:
+        return self._died is not None
 
     def _watch(self) -> None:
         assert self._fd is not None
@@ -193,9 +232,13 @@ def _worker(seat: int, url: str, transport_options: dict[str, Any], counters: _C
         started = time.monotonic()
         try:
             with pool.acquire(block=True, timeout=acquire_timeout) as producer:
-                if time.monotonic() - started > SLOW:
-                    counters.add(seat, _SLOW)
-                producer.publish(body, routing_key=QUEUE, retry=False)
+                counters.put(seat, _HOLDING, 1)  # from here to the release: a slot is ours
+                try:
+                    if time.monotonic() - started > SLOW:
+                        counters.add(seat, _SLOW)
+                    producer.publish(body, routing_key=QUEUE, retry=False)
+                finally:
+                    counters.put(seat, _HOLDING, 0)
             counters.add(seat, _PUBLISHED)
         except LimitExceeded:
             counters.add(seat, _TIMEOUTS)
@@ -205,8 +248,38 @@ def _worker(seat: int, url: str, transport_options: dict[str, Any], counters: _C
             time.sleep(0.2)
 
 
+def _carry_worker(seat: int, url: str, transport_options: dict[str, Any],
+                  counters: _Counters, master: int,
+                  acquire_timeout: float) -> None:  # pragma: no cover - in a child
+    """Publish as fast as possible through kombu's own producer pool (one connection, no
+    budget): what one connection carries without contention."""
+    import kombu.pools
+    from kombu import connection as kombu_connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    if os.getppid() != master:
+        return
+    set_limit: Callable[[int], object] = kombu.pools.set_limit
+    connection_class: Callable[..., Any] = kombu_connection.Connection
+    set_limit(1)
+    conn = connection_class(url, transport_options=transport_options)
+    pool: Any = kombu.pools.producers[conn]
+    body = {"seat": seat, "pid": os.getpid(), "payload": "x" * 64}
+    while os.getppid() == master:
+        try:
+            with pool.acquire(block=True, timeout=acquire_timeout) as producer:
+                producer.publish(body, routing_key=QUEUE, retry=False)
+            counters.add(seat, _PUBLISHED)
+        except Exception as exc:
+            counters.add(seat, _ERRORS)
+            counters.set_error(seat, f"{type(exc).__name__}: {exc}")
+            time.sleep(0.2)
+
+
 def _spawn(seat: int, url: str, transport_options: dict[str, Any], counters: _Counters,
-           acquire_timeout: float) -> int:
+           acquire_timeout: float, target: Callable[..., None] = _worker) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     master = os.getpid()
@@ -214,7 +287,7 @@ def _spawn(seat: int, url: str, transport_options: dict[str, Any], counters: _Co
     if pid == 0:  # pragma: no cover - runs in the child
         code = 0
         try:
-            _worker(seat, url, transport_options, counters, master, acquire_timeout)
+            target(seat, url, transport_options, counters, master, acquire_timeout)
         except BaseException:
             code = 1
         finally:
@@ -271,13 +344,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _le(out: TextIO) -> str:
+def _glyph(out: TextIO, fancy: str, plain: str) -> str:
     encoding = getattr(out, "encoding", None) or "ascii"
     try:
-        "≤".encode(encoding)
+        fancy.encode(encoding)
     except (UnicodeEncodeError, LookupError):
-        return "<="
-    return "≤"
+        return plain
+    return fancy
+
+
+def _le(out: TextIO) -> str:
+    return _glyph(out, "≤", "<=")
+
+
+def _ms(values: list[float], q: float, dash: str) -> str:
+    """The ``q``-th percentile of ``values`` (seconds) in ms; ``dash`` before any sample."""
+    return f"{percentile(values, q) * 1000:.1f} ms" if values else dash
 
 
 class _Demo:
@@ -296,6 +378,10 @@ class _Demo:
         self.probe = _BrokerProbe(options.broker)
         self.configured = False
         self._last_plain = 0.0
+        self.folder: str | None = None  # filesystem:// messages, drained as they come
+        self.dash = _glyph(out, "\u2013", "-")  # an en dash
+        self._published: collections.deque[tuple[float, int]] = collections.deque()
+        self.times = _glyph(out, "\u00d7", "x")  # a multiplication sign
 
     # lifecycle -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -306,16 +392,80 @@ class _Demo:
                 f"--name (or remove it with `mppools unlink {self.name}`)"
             )
         if self.o.broker is None:
-            self.tmpdir = tempfile.mkdtemp(prefix="mppools-demo-")
-            folder = os.path.join(self.tmpdir, "queue")
-            os.mkdir(folder)
-            self.transport_options = {"data_folder_in": folder, "data_folder_out": folder}
+            # on a tmpfs when there is one: a disk's write throttling would make the
+            # throughput figures (and the comparison with what L connections carry) noise
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+            self.tmpdir = tempfile.mkdtemp(prefix="mppools-demo-", dir=shm)
+            self.folder = os.path.join(self.tmpdir, "queue")
+            os.mkdir(self.folder)
+            self.transport_options = {"data_folder_in": self.folder,
+                                      "data_folder_out": self.folder}
+        self.calibrate()
         mppools.configure(self.o.limit, name=self.name, acquire_timeout=self.o.acquire_timeout)
         self.configured = True
+        first = mppools.stats()
+        self.state.reclaimed_at_start = first.reclaimed_total
+        self.state.hold_quantum = first.hold_quantum
         self.state.broker_baseline = self.probe.count()
         self.state.started = time.monotonic()
         for seat in range(self.o.workers):
             self._fork(seat)
+        if not self.tty:
+            for line in self._legend():
+                print(line, file=self.out, flush=True)
+        self.event(self._carry_text())
+
+    def _calibrate_seconds(self) -> float:
+        if self.o.calibrate is not None:
+            return max(self.o.calibrate, 0.0)
+        return min(max(0.05 * self.o.seconds, 0.2), 1.0)
+
+    def calibrate(self, when: str = "before") -> None:
+        """What ``limit`` connections carry alone: ``limit`` workers publish through kombu's
+        own pools (one connection each, no budget, nobody waits) for a moment, ``when`` is
+        "before" or "after" the run (a shared machine's speed drifts: both are shown)."""
+        seconds = self._calibrate_seconds()
+        st = self.state
+        if seconds <= 0:
+            st.carry_note = "not measured (calibration off)"
+            return
+        n = self.o.limit
+        if self.tty:
+            self.out.write(_CLEAR + f"mppools demo — measuring what {n} connection(s) carry "
+                           f"alone ({n} workers, kombu.pools, no budget, {seconds:g} s "
+                           f"{when} the run) …\n")
+            self.out.flush()
+        counters = _Counters(n)
+        pids: list[int] = []
+        try:
+            for seat in range(n):
+                pids.append(_spawn(seat, self.url, self.transport_options, counters,
+                                   self.o.acquire_timeout, _carry_worker))
+            # every worker connected and published once before the clock starts (bounded)
+            ready_by = time.monotonic() + max(self.o.acquire_timeout, 5.0)
+            while (any(counters.get(s, _PUBLISHED) == 0 for s in range(n))
+                   and counters.total(_ERRORS) == 0 and time.monotonic() < ready_by):
+                time.sleep(0.005)
+            if counters.total(_ERRORS) or any(counters.get(s, _PUBLISHED) == 0
+                                               for s in range(n)):
+                error = counters.last_error() or "no message published"
+                st.carry_note = st.carry_note or f"not measured {when} the run ({error})"[:160]
+                return
+            t0, c0 = time.monotonic(), counters.total(_PUBLISHED)
+            while time.monotonic() < t0 + seconds:
+                time.sleep(min(REFRESH, max(t0 + seconds - time.monotonic(), 0.0)))
+                self.drain()
+            c1, t1 = counters.total(_PUBLISHED), time.monotonic()
+            st.carry_rates.append((c1 - c0) / (t1 - t0))
+            st.carry_seconds = t1 - t0
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            counters.close()
 
     def cleanup(self) -> list[str]:
         notes: list[str] = []
@@ -329,6 +479,8 @@ class _Demo:
         self.seats.clear()
         if pids:
             notes.append(f"{len(pids)} workers killed and reaped")
+        if self.state.ended and not self.state.interrupted:
+            self.calibrate("after")  # the demo's workers are gone: the same measure again
         if self.configured:
             self.configured = False
             try:
@@ -346,7 +498,19 @@ class _Demo:
         self.probe.close()
         return notes
 
+    def drain(self) -> None:
+        """Delete the published messages (filesystem:// only): nobody consumes them, and a
+        long run would otherwise fill the tmpfs or the disk."""
+        if self.folder is None:
+            return
+        with contextlib.suppress(OSError), os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".msg"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
     def _fork(self, seat: int) -> int:
+        self.counters.put(seat, _HOLDING, 0)  # a killed worker's flag is no news of its heir
         pid = _spawn(seat, self.url, self.transport_options, self.counters,
                      self.o.acquire_timeout)
         self.seats[pid] = seat
@@ -371,13 +535,16 @@ class _Demo:
                 return
             if pid == 0:
                 return
-            seat = self.seats.pop(pid, None)
-            if seat is None:
-                continue
-            self.state.crashed += 1
-            code = os.waitstatus_to_exitcode(status)
-            new = self._fork(seat)
-            self.event(f"worker {pid} exited on its own (code {code}); replaced by {new}")
+            self._crashed(pid, status)
+
+    def _crashed(self, pid: int, status: int) -> None:
+        seat = self.seats.pop(pid, None)
+        if seat is None:
+            return
+        self.state.crashed += 1
+        code = os.waitstatus_to_exitcode(status)
+        new = self._fork(seat)
+        self.event(f"worker {pid} exited on its own (code {code}); replaced by {new}")
 
     def event(self, text: str) -> None:
         stamp = f"{time.monotonic() - self.state.started:6.2f}s"
@@ -386,49 +553,70 @@ class _Demo:
         if not self.tty:
             print(f"[{stamp}] {text}", file=self.out, flush=True)
 
+    def _stop_holder(self, pid: int) -> bool:
+        """SIGSTOP ``pid`` and report whether it is inside its ``with acquire()`` block (holds
+        a slot, runs no mppools code in its main thread); continued again if not."""
+        seat = self.seats[pid]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return False
+        try:
+            _, status = os.waitpid(pid, os.WUNTRACED)
+        except ChildProcessError:  # pragma: no cover - reaped elsewhere
+            return False
+        if not os.WIFSTOPPED(status):  # it exited on its own meanwhile
+            self._crashed(pid, status)
+            return False
+        if self.counters.get(seat, _HOLDING):
+            return True
+        os.kill(pid, signal.SIGCONT)
+        return False
+
     def kill_one(self) -> bool:
         """SIGKILL a random worker that holds a slot; time its slot's return; replace it."""
-        stats = self.sample()
-        candidates = [h for h in stats.holders if h.alive and h.pid in self.seats]
-        if not candidates:
+        holding = [pid for pid, seat in self.seats.items()
+                   if self.counters.get(seat, _HOLDING)]
+        self.rng.shuffle(holding)
+        victim = next((pid for pid in holding[:_KILL_TRIES] if self._stop_holder(pid)), None)
+        if victim is None:
             return False
-        # an idle holder may be asked to yield its slot any moment: prefer a busy one
-        candidates = [h for h in candidates if h.busy] or candidates
-        victim = self.rng.choice(candidates)
-        reclaimed_before = stats.reclaimed_total
-        watcher = _ExitWatcher(victim.pid)
-        os.kill(victim.pid, signal.SIGKILL)
+        # stopped inside its with-block: it holds its slot until the kill, and no stats()
+        # may be asked before the kill (its keeper thread might hold the budget's mutex)
+        watcher = _ExitWatcher(victim)
+        os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
-        outcome = "reclaimed"
+        slots, outcome = 1, "waiter"
         while True:
             stats = self.sample()
-            if all(h.pid != victim.pid for h in stats.holders):
-                latency = time.monotonic() - killed_at
-                if stats.reclaimed_total == reclaimed_before:
-                    # no audit ran: it gave its slot back itself just before the kill
-                    outcome = "released"
+            mine = [h for h in stats.holders if h.pid == victim]
+            now = time.monotonic()
+            if not mine:  # freed or handed over: a waiter's audit took it back
+                latency = now - killed_at
                 break
-            if time.monotonic() - killed_at > RECLAIM_BOUND:
-                mppools.audit()  # nobody waits, so nobody audited: do it ourselves
+            slots = sum(h.slots for h in mine)
+            if (watcher.died and stats.waiting == 0) or now - killed_at > RECLAIM_BOUND:
+                # nobody waits, so nobody audits: the master does it, now that it is gone
+                report = mppools.audit()
                 latency = time.monotonic() - killed_at
-                outcome = "audit"
+                if any(pid == victim for pid, _ in report.reclaimed_slots):
+                    outcome = "audit"
                 break
             time.sleep(0.0002)
         exited = watcher.join(killed_at)  # no thread may run across the fork below
-        seat = self.seats.pop(victim.pid)
+        seat = self.seats.pop(victim)
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(victim.pid, 0)
-        kill = _Kill(victim.pid, victim.slots, latency, outcome, exited)
+            os.waitpid(victim, 0)
+        kill = _Kill(victim, slots, latency, outcome, exited)
         kill.replacement = self._fork(seat)
         self.state.kills.append(kill)
         gone = "" if exited is None else f" (process gone after {exited * 1000:.1f} ms)"
-        if outcome == "reclaimed":
+        if outcome == "waiter":
             what = f"slot back in {latency * 1000:.1f} ms{gone}"
-        elif outcome == "audit":
-            what = f"nobody waited: reclaimed by the master's audit after {latency:.2f} s"
         else:
-            what = "it had just given its slot back (not timed)"
-        self.event(f"SIGKILL pid {victim.pid} holding {victim.slots} slot(s): {what}; "
+            what = (f"nobody waited: the master's audit took the slot back "
+                    f"{latency * 1000:.1f} ms after the kill{gone}")
+        self.event(f"SIGKILL pid {victim} holding {slots} slot(s): {what}; "
                    f"replaced by pid {kill.replacement}")
         return True
 
@@ -459,17 +647,69 @@ class _Demo:
                     next_kill = now + 0.05  # nobody holds a slot right now: try again soon
             if now >= next_render:
                 self.probe_broker()
+                self.drain()
                 self.render()
                 next_render = now + REFRESH
             time.sleep(0.002)
         self.sample()
-        self.render()
+        st.ended = time.monotonic()
+        self.render(final=True)
 
     # output ----------------------------------------------------------------------------------
     def _latencies(self) -> list[float]:
-        return [k.latency for k in self.state.kills if k.outcome == "reclaimed"]
+        return [k.latency for k in self.state.kills]
 
-    def render(self) -> None:
+    def _legend(self) -> list[str]:
+        q = self.state.hold_quantum
+        return [
+            f"slow acquire: waited > {SLOW * 1000:.0f} ms for a slot (a turn in the queue; "
+            f"a holder keeps its slot {q:g} s)",
+            "debt: slots in use above the limit after a forced shrink, paid back by releases",
+        ]
+
+    def _carry_text(self) -> str:
+        st = self.state
+        rate = st.carry_rate
+        if rate is None:
+            return f"what {self.o.limit} connection(s) carry alone: {st.carry_note}"
+        when = "before the run"
+        if len(st.carry_rates) > 1:
+            when = ("before and after the run: " + " and ".join(
+                f"{r:,.0f}" for r in st.carry_rates) + " msg/s, mean shown")
+        return (f"what {self.o.limit} connection(s) carry alone: {rate:,.0f} msg/s "
+                f"({self.o.limit} workers, kombu.pools, no budget; {st.carry_seconds:.1f} s "
+                f"{when})")
+
+    def _vs_carry(self, rate: float) -> str:
+        carry = self.state.carry_rate
+        if not carry:
+            return ""
+        return (f"; {self.o.limit} connection(s) alone carry {carry:,.0f}/s: "
+                f"{rate / carry:.2f}{self.times} of that")
+
+    def _kills_text(self) -> str:
+        """One line on the kills, the same in the live view and the summary."""
+        kills = self.state.kills
+        lat = self._latencies()
+        audited = sum(1 for k in kills if k.outcome == "audit")
+        who = ""
+        if kills:
+            who = (f" ({len(kills) - audited} by a waiting worker's audit, {audited} by the "
+                   "master's: nobody waited)" if audited else " (all by a waiting worker's "
+                   "audit)")
+        return (f"{len(kills)}, {len(lat)} timed{who}   reclaim p50 {_ms(lat, 50, self.dash)}"
+                f"  p99 {_ms(lat, 99, self.dash)}  max "
+                f"{_ms(lat, 100, self.dash)}")
+
+    def _reclaimed_text(self, stats: BudgetStats | None) -> str:
+        st = self.state
+        total = 0 if stats is None else stats.reclaimed_total - st.reclaimed_at_start
+        crashed = f" + {st.crashed} died on their own" if st.crashed else ""
+        slots = sum(k.slots for k in st.kills)
+        return (f"{total} slot(s) since the start (budget counter; the kills' "
+                f"victims held {slots}{crashed})")
+
+    def render(self, *, final: bool = False) -> None:
         stats = self.state.last
         if stats is None:
             return
@@ -478,13 +718,24 @@ class _Demo:
         published = self.counters.total(_PUBLISHED)
         rate = published / elapsed if elapsed > 0 else 0.0
         le = _le(self.out)
+        lat = self._latencies()
+        now = time.monotonic()
+        recent = self._published
+        recent.append((now, published))
+        while len(recent) > 2 and now - recent[1][0] >= RATE_WINDOW:
+            recent.popleft()
+        span = now - recent[0][0]
+        # the rate over the last few seconds (the start's connects are no part of it)
+        rate = (published - recent[0][1]) / span if span >= 0.5 else rate
         if not self.tty:
-            if time.monotonic() - self._last_plain >= 1.0:
+            if final or time.monotonic() - self._last_plain >= 1.0:
                 self._last_plain = time.monotonic()
                 print(f"[{elapsed:6.2f}s] in use {stats.in_use}/{stats.limit} waiting "
-                      f"{stats.waiting} published {published} timeouts "
-                      f"{self.counters.total(_TIMEOUTS)} kills {len(st.kills)} "
-                      f"peak {st.peak}", file=self.out, flush=True)
+                      f"{stats.waiting} debt {stats.debt} published {published} "
+                      f"({rate:.0f}/s) timeouts {self.counters.total(_TIMEOUTS)} slow "
+                      f"{self.counters.total(_SLOW)} kills {len(st.kills)} timed {len(lat)} "
+                      f"reclaim p50 {_ms(lat, 50, self.dash)} peak {st.peak}",
+                      file=self.out, flush=True)
             return
         width = max(shutil.get_terminal_size((100, 24)).columns, 60)
         bar = "#" * min(stats.in_use, stats.limit) + "." * stats.free
@@ -494,27 +745,27 @@ class _Demo:
             f"{h.pid}:{'busy' if h.busy else 'idle'}" + ("" if h.alive else "(dead)")
             for h in stats.holders
         ) or "none"
-        lat = self._latencies()
         verdict = (f"peak {st.peak} {le} limit {stats.limit}" if st.peak <= stats.limit
                    else f"peak {st.peak} > limit {stats.limit}  LIMIT EXCEEDED")
         lines = [
             f"mppools demo — budget {self.name!r} — {self.o.workers} workers — "
-            f"{self._broker_text()}",
+            f"hold quantum {st.hold_quantum:g} s — {self._broker_text()}",
             f"elapsed {elapsed:5.1f}s / {self.o.seconds:g}s   (Ctrl-C stops early)",
             "",
             f"slots      [{bar}]  {stats.in_use}/{stats.limit} in use   {stats.free} free   "
             f"{stats.waiting} waiting   debt {stats.debt}   {verdict}",
             f"holders    {holders}"[:width],
-            f"published  {published} messages ({rate:.0f}/s)   slow acquires (>"
-            f"{SLOW * 1000:.0f}ms) {self.counters.total(_SLOW)}   timeouts "
+            f"published  {published} messages (now {rate:.0f}/s{self._vs_carry(rate)})",
+            f"acquires   slow (>{SLOW * 1000:.0f}ms) {self.counters.total(_SLOW)}   timeouts "
             f"{self.counters.total(_TIMEOUTS)}   errors {self.counters.total(_ERRORS)}",
-            f"kills      {len(st.kills)}   reclaim latency p50 "
-            f"{percentile(lat, 50) * 1000:.1f} ms  p99 {percentile(lat, 99) * 1000:.1f} ms   "
-            f"reclaimed total {stats.reclaimed_total}",
+            f"kills      {self._kills_text()}",
+            f"reclaimed  {self._reclaimed_text(stats)}",
         ]
         if self.probe.enabled:
             lines.append(f"broker     {st.broker_clients} client connections now "
                          f"(peak {st.broker_peak}, {st.broker_baseline} before the workers)")
+        lines.append("")
+        lines.extend(f"  {line}"[:width] for line in self._legend())
         lines.append("")
         lines.extend(f"  {e}"[:width] for e in st.events)
         self.out.write(_CLEAR + "\n".join(lines) + "\n")
@@ -527,48 +778,40 @@ class _Demo:
 
     def summary(self, notes: list[str]) -> tuple[str, bool]:
         st = self.state
-        elapsed = max(time.monotonic() - st.started, 1e-9)
+        elapsed = max((st.ended or time.monotonic()) - st.started, 1e-9)
         published = self.counters.total(_PUBLISHED)
-        lat = self._latencies()
         le = _le(self.out)
         ok = st.peak <= self.o.limit
         verdict = (f"peak {st.peak} {le} limit {self.o.limit}   OK" if ok else
                    f"peak {st.peak} > limit {self.o.limit}   LIMIT EXCEEDED")
-        audited = sum(1 for k in st.kills if k.outcome == "audit")
-        released = sum(1 for k in st.kills if k.outcome == "released")
+        rate = published / elapsed
         lines = [
             "",
             f"mppools demo summary — budget {self.name!r}, {elapsed:.1f}s, "
-            f"{self.o.workers} workers, limit {self.o.limit}"
-            + ("  (interrupted)" if st.interrupted else ""),
-            f"  messages published  {published} ({published / elapsed:.0f}/s)",
+            f"{self.o.workers} workers, limit {self.o.limit}, hold quantum "
+            f"{st.hold_quantum:g} s" + ("  (interrupted)" if st.interrupted else ""),
+            f"  messages published  {published} ({rate:.0f}/s{self._vs_carry(rate)})",
+            f"  carried alone       {self._carry_text().split(': ', 1)[1]}",
             f"  slots in use        {verdict}   ({st.samples} samples)",
-            f"  kills               {len(st.kills)}"
-            + (f", {audited} reclaimed by the master's audit (nobody was waiting)"
-               if audited else "")
-            + (f", {released} had just given their slot back (not timed)"
-               if released else "")
-            + (f", {st.crashed} worker(s) died on their own" if st.crashed else ""),
+            f"  kills               {self._kills_text()}",
+            "                      (reclaim: SIGKILL -> slot free or handed over)",
+            f"  reclaimed           {self._reclaimed_text(st.last)}",
         ]
-        if lat:
+        if st.crashed:
+            lines.append(f"  crashed             {st.crashed} worker(s) died on their own")
+        exits = [k.exited for k in st.kills if k.exited is not None]
+        if exits:
             lines.append(
-                f"  reclaim latency     p50 {percentile(lat, 50) * 1000:.1f} ms   "
-                f"p99 {percentile(lat, 99) * 1000:.1f} ms   max {max(lat) * 1000:.1f} ms   "
-                "(SIGKILL -> slot free or handed over)"
+                f"  process exit        p50 {_ms(exits, 50, self.dash)}   p99 "
+                f"{_ms(exits, 99, self.dash)}   (SIGKILL -> pid gone, the kernel's share "
+                "of the reclaim)"
             )
-            exits = [k.exited for k in st.kills if k.exited is not None
-                     and k.outcome == "reclaimed"]
-            if exits:
-                lines.append(
-                    f"  process exit        p50 {percentile(exits, 50) * 1000:.1f} ms   "
-                    f"p99 {percentile(exits, 99) * 1000:.1f} ms   (SIGKILL -> pid gone, "
-                    "the kernel's share of the latency)"
-                )
         lines.append(
-            f"  acquire timeouts    {self.counters.total(_TIMEOUTS)}   errors "
-            f"{self.counters.total(_ERRORS)}   slow acquires (>{SLOW * 1000:.0f}ms) "
-            f"{self.counters.total(_SLOW)}"
+            f"  acquires            slow (>{SLOW * 1000:.0f}ms) {self.counters.total(_SLOW)}"
+            f"   timeouts {self.counters.total(_TIMEOUTS)}   errors "
+            f"{self.counters.total(_ERRORS)}"
         )
+        lines.extend(f"  {line}" for line in self._legend())
         if self.probe.enabled and st.broker_peak is not None:
             base = st.broker_baseline or 0
             seen = st.broker_peak - base
