@@ -53,8 +53,17 @@ nitpick_ignore = [
     ("py:class", "kombu.pools.Connections"),
     ("py:class", "kombu.pools.Producers"),
 ]
-pygments_style = "sphinx"
-pygments_dark_style = "monokai"
+# code blocks: furo's own choices (a light grey and a dark background, colours picked for
+# contrast); Sphinx's "sphinx" style would paint every block lime green. a11y-light comes
+# with accessible-pygments (a dependency of recent furo); without it, "friendly", close to it.
+try:
+    from pygments.styles import get_style_by_name
+
+    get_style_by_name("a11y-light")
+    pygments_style = "a11y-light"
+except Exception:  # pragma: no cover - accessible-pygments is missing
+    pygments_style = "friendly"
+pygments_dark_style = "native"
 
 # -- MyST ---------------------------------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "deflist", "fieldlist", "substitution"]
