@@ -3,7 +3,7 @@
 One budget per process at a time. ``configure`` is called by the master before it forks;
 forked children inherit the open budget (the fork handler rebuilds its in-process locks).
 Processes that were exec'd rather than forked call ``attach(name)``. The budget lives in a
-backend chosen by ``backend=`` (:func:`backend_for`): ``"posix"``, the default, shares it
+backend chosen by ``backend=`` (``backend_for``): ``"posix"``, the default, shares it
 between the processes of this host; ``"memory"`` keeps it inside this process.
 """
 
@@ -144,7 +144,7 @@ def configure(
     least 10 ms), so under contention the connections carry messages rather than handshakes;
     an idle connection is handed on at once whatever the quantum (0: hand on at every
     release). ``backend`` is where the
-    budget lives (:func:`backend_for`): ``"posix"`` shares it between the processes of this
+    budget lives (``backend_for``): ``"posix"`` shares it between the processes of this
     host, ``"memory"`` keeps it in this process (tests, single-process programs).
 
     Raises:

@@ -2,7 +2,7 @@
 
 A limiter hands out *slots* of one budget. The pools never know which backend they use; a
 backend implements :class:`Limiter` (acquire / release / audit / stats / resize / unlink) and
-is picked by ``configure(backend=...)`` (see :func:`mppools._config.backend_for`).
+is picked by ``configure(backend=...)`` (see ``mppools._config.backend_for``).
 
 The warm path of the pools touches no method at all when a backend offers :meth:`cells`: it
 stores :data:`STATE_BUSY` / :data:`STATE_IDLE` into the slot's state byte and reads the bits
@@ -151,7 +151,7 @@ class Limiter(abc.ABC):
     """A budget of slots shared by every process that uses the same name.
 
     A backend calls ``super().__init__(name)``: that registers the limiter with the fork
-    handler, which calls :meth:`after_fork_in_child` in every forked child.
+    handler, which calls ``after_fork_in_child()`` in every forked child.
     """
 
     #: the backend's name in stats (``"posix"``, ``"memory"``)
@@ -239,7 +239,7 @@ class Limiter(abc.ABC):
 
         Growing hands the new slots to waiters at once. Shrinking below the slots in use
         needs ``force``: the difference is then a debt, paid by the next releases before
-        anything is handed on (:meth:`in_debt` is true meanwhile).
+        anything is handed on (``in_debt()`` is true meanwhile).
 
         Raises:
             BudgetInUseError: shrinking below the slots in use without ``force``.
