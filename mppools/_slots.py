@@ -51,6 +51,7 @@ __all__ = [
     "CREATOR_TOKEN_AT",
     "HEADER",
     "HEADER_SIZE",
+    "HANDOVER_COST_AT",
     "LAYOUT_VERSION",
     "MAGIC",
     "PRESSURE_DEBT",
@@ -190,6 +191,9 @@ RECLAIMED_AT: Final = 76
 TIMEOUTS_AT: Final = 84
 ACQUIRED_AT: Final = 92
 SLOTS_USED_AT: Final = 140
+#: a running average of what a hand-over costs (seconds, double), kept by the pools without
+#: the mutex: an estimate, read clamped, so a torn or damaged value only shapes a quantum
+HANDOVER_COST_AT: Final = 144
 assert HEADER.size == SLOTS_USED_AT + 4
 #: the header fields a mapping never sees change: magic, version, header, slot and waiter
 #: sizes, capacity, waiter capacity

@@ -71,6 +71,12 @@ _limit = [10]
 _groups: list[PoolGroup] = []
 
 
+#: a hold quantum is this many times what the connection's first use cost (its set-up) ...
+QUANTUM_PER_SETUP = 12.0
+#: ... and at least this long (seconds), at most the budget's ``hold_quantum``
+QUANTUM_FLOOR = 0.01
+
+
 def _queue_lock(queue: Any) -> Any:
     """The mutex of a pool's queue; eventlet's (kombu uses it once ``queue`` is patched) has
     none, and needs none: its greenlets switch only where they block, never in here."""
@@ -98,6 +104,9 @@ class LimitedConnection(PooledConnection):
     _mppools_finalizer: weakref.finalize[Any, Any] | None = None
     #: monotonic time from which a release while others wait hands the slot on
     _mppools_hand_on_at: float = 0.0
+    _mppools_taken_at: float = 0.0
+    _mppools_quantum: float = 0.0
+    _mppools_first_use: bool = False
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
@@ -110,8 +119,12 @@ class LimitedConnection(PooledConnection):
         slot = limiter.acquire(block=block, timeout=timeout)
         self._mppools_slot, self._mppools_limiter = slot, limiter
         # the hold quantum runs from here: under contention the slot is handed on at the
-        # first release after it (see docs/concepts.md, "Contention")
-        self._mppools_hand_on_at = time.monotonic() + limiter.hold_quantum
+        # first release after it (see docs/concepts.md, "Contention"); its length is set at
+        # the first release, from what this connection's first use cost
+        now = time.monotonic()
+        self._mppools_taken_at, self._mppools_quantum = now, limiter.hold_quantum
+        self._mppools_hand_on_at = now + self._fitted_quantum(limiter)
+        self._mppools_first_use = True
         cells = limiter.cells(slot)
         if cells is not None:
             self._mppools_view, self._mppools_at, self._mppools_pressure_at = cells
@@ -119,6 +132,31 @@ class LimitedConnection(PooledConnection):
         # closes its socket when collected: its slot goes back then too
         self._mppools_finalizer = weakref.finalize(self, limiter.release, slot)
         keeper().track(slot.token, self, limiter.keeper_address())
+
+    def _fitted_quantum(self, limiter: Limiter) -> float:
+        """QUANTUM_PER_SETUP times what a hand-over costs in this budget (at least
+        QUANTUM_FLOOR), capped by ``hold_quantum``; the cap while the cost is unknown."""
+        cap = self._mppools_quantum
+        cost = limiter.handover_cost()
+        if cap <= 0.0 or cost <= 0.0:
+            return cap
+        return min(cap, max(QUANTUM_FLOOR, QUANTUM_PER_SETUP * cost))
+
+    def _mppools_fit_quantum(self, now: float) -> None:
+        """At the first release after taking a slot: measure the hand-over, refit the quantum.
+
+        From the grant to the end of the first use, this connection paid what a hand-over
+        costs: the wake-up, the set-up (TCP, TLS, broker handshake), one use. The budget
+        keeps a running average of that, so every holder gets the same quantum (fair turns),
+        QUANTUM_PER_SETUP times the cost: hand-overs then take about 1/(1+QUANTUM_PER_SETUP)
+        of a slot's time, and a cheap broker changes hands often (short waits).
+        """
+        self._mppools_first_use = False
+        slot, limiter = self._mppools_slot, self._mppools_limiter
+        if slot is None or limiter is None:
+            return
+        limiter.note_handover_cost(time.time() - slot.acquired_at)
+        self._mppools_hand_on_at = self._mppools_taken_at + self._fitted_quantum(limiter)
 
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
@@ -294,22 +332,27 @@ class LimitedConnectionPool(ConnectionPool):
         at = resource._mppools_at
         if at >= 0:
             view = resource._mppools_view
+            now = time.monotonic()
+            if resource._mppools_first_use:
+                resource._mppools_fit_quantum(now)
             try:
                 pressure = view[resource._mppools_pressure_at]
-                if pressure and (pressure & PRESSURE_DEBT or
-                                 time.monotonic() >= resource._mppools_hand_on_at):
+                if pressure and (pressure & PRESSURE_DEBT or now >= resource._mppools_hand_on_at):
                     # someone waits and this connection had its quantum (or the budget
                     # shrank): hand the slot on, don't idle
                     resource._mppools_close_taken()
                 else:
-                    resource._mppools_idle_since = time.monotonic()
+                    resource._mppools_idle_since = now
                     view[at] = STATE_IDLE
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
             limiter = resource._mppools_limiter
+            now = time.monotonic()
+            if resource._mppools_first_use:
+                resource._mppools_fit_quantum(now)
             if limiter.in_debt() or (limiter.under_pressure() and
-                                     time.monotonic() >= resource._mppools_hand_on_at):
+                                     now >= resource._mppools_hand_on_at):
                 resource._mppools_close_taken()
             else:
                 resource._mppools_idle_since = time.monotonic()

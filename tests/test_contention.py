@@ -22,6 +22,8 @@ def test_a_busy_connection_keeps_its_slot_for_its_quantum(
 
     # only the quantum rule is under test: the idle rule must not see the gaps between uses
     monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)
+    # and the whole cap: a cheap memory:// set-up would fit a quantum of milliseconds
+    monkeypatch.setattr(mppools.pools, "QUANTUM_FLOOR", 3600.0)
     limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=quantum,
                                 idle_timeout=None)
     pool = mppools.connections[Connection("memory://")]
@@ -101,3 +103,37 @@ def test_the_keeper_survives_a_deferred_request_that_is_already_due(budget_name:
         time.sleep(0.005)
     time.sleep(0.05)  # a dead thread would be dead by now
     assert thread.is_alive(), "the keeper thread ended"
+
+
+def test_the_quantum_fits_what_a_hand_over_costs() -> None:
+    """QUANTUM_PER_SETUP times the budget's hand-over cost, at least QUANTUM_FLOOR, at most
+    the budget's hold_quantum (the cap while the cost is unknown); hold_quantum 0 hands on
+    at once."""
+    from mppools._limiter.memory import MemoryLimiter
+    from mppools.pools import QUANTUM_FLOOR, QUANTUM_PER_SETUP, LimitedConnection
+
+    conn = LimitedConnection.__new__(LimitedConnection)
+    for cap, cost, expected in [
+        (0.5, 0.0, 0.5),  # unknown yet: the cap
+        (0.5, 0.0001, QUANTUM_FLOOR),  # a local broker: short turns, short fair waits
+        (0.5, 0.005, QUANTUM_PER_SETUP * 0.005),
+        (0.5, 0.2, 0.5),  # an expensive hand-over: capped by hold_quantum
+        (0.0, 0.2, 0.0),
+    ]:
+        limiter = MemoryLimiter("fit", limit=1, capacity=1, acquire_timeout=None,
+                                idle_timeout=None, hold_quantum=cap)
+        if cost:
+            limiter.note_handover_cost(cost)
+        conn._mppools_quantum = cap
+        assert conn._fitted_quantum(limiter) == pytest.approx(expected)
+
+
+def test_the_hand_over_cost_is_a_running_average(budget_name: str) -> None:
+    limiter = mppools.configure(limit=1, name=budget_name)
+    assert limiter.handover_cost() == 0.0
+    limiter.note_handover_cost(0.008)
+    assert limiter.handover_cost() == pytest.approx(0.008)
+    limiter.note_handover_cost(0.016)
+    assert limiter.handover_cost() == pytest.approx(0.009)
+    limiter.note_handover_cost(float("nan"))  # refused, like anything outside [0, 60)
+    assert limiter.handover_cost() == pytest.approx(0.009)

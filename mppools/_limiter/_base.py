@@ -216,9 +216,22 @@ class Limiter(abc.ABC):
 
     @property
     def hold_quantum(self) -> float:
-        """Seconds a connection in active use keeps its slot before it is handed on to a
-        waiter (0: at its next release)."""
+        """The most seconds a connection in active use keeps its slot before it is handed on
+        to a waiter (0: at its next release)."""
         return 0.0
+
+    def handover_cost(self) -> float:
+        """What handing a slot to a waiter has recently cost, in seconds (a running average
+        over the budget's users; 0.0 while unknown). A cheap read."""
+        return self._handover_cost
+
+    def note_handover_cost(self, seconds: float) -> None:
+        """Fold one measured hand-over (grant to first use done) into :meth:`handover_cost`."""
+        if 0.0 <= seconds < 60.0:
+            old = self._handover_cost
+            self._handover_cost = seconds if old <= 0.0 else old + (seconds - old) / 8
+
+    _handover_cost: float = 0.0
 
     @property
     def acquire_timeout(self) -> float | None:

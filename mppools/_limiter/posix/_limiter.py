@@ -51,6 +51,7 @@ from mppools._limiter._base import (
 from mppools._slots import (
     CREATOR_TOKEN_AT,
     FLAGS_AT,
+    HANDOVER_COST_AT,
     HEADER_SIZE,
     LAYOUT_VERSION,
     LIMIT_AT,
@@ -88,6 +89,7 @@ __all__ = ["DEFAULT_CAPACITY", "PosixLimiter", "unlink"]
 
 DEFAULT_CAPACITY = 1024
 _U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
 
 
 def _timeout_field(value: float | None) -> float:
@@ -416,6 +418,20 @@ class PosixLimiter(Limiter):
     @property
     def hold_quantum(self) -> float:
         return self._table.read_header().hold_quantum
+
+    def handover_cost(self) -> float:
+        """Shared by every process of the budget (header field, read without the mutex)."""
+        if self._closed:
+            return 0.0
+        (value,) = _F64.unpack_from(self._view, HANDOVER_COST_AT)
+        return float(value) if 0.0 <= value < 60.0 else 0.0  # NaN fails both
+
+    def note_handover_cost(self, seconds: float) -> None:
+        if self._closed or not 0.0 <= seconds < 60.0:
+            return
+        old = self.handover_cost()
+        _F64.pack_into(self._view, HANDOVER_COST_AT,
+                       seconds if old <= 0.0 else old + (seconds - old) / 8)
 
     # public API ------------------------------------------------------------------------------
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
