@@ -84,7 +84,7 @@ def hosts(url: str, name: str, count: int, **kw: object) -> list[LeaseClient]:
 def test_keys_share_one_cluster_hash_tag() -> None:
     assert prefix("shop") == "mppools:{shop}:"
     assert keys("shop") == tuple(f"mppools:{{shop}}:{k}" for k in
-                                 ("meta", "held", "expiry", "tickets", "wait"))
+                                 ("meta", "expiry", "tickets", "wait"))
 
 
 @pytest.mark.parametrize("kw", [{"name": "a{b}"}, {"host_id": "x|y"}, {"ttl": 0.0},
@@ -155,7 +155,6 @@ def test_limit_holds_across_hosts_with_threads(redis_server: RedisServer,
     assert seen <= limit
     st = clients[0].stats()
     assert (st.in_use, st.hosts, st.waiting) == (0, (), ())
-    assert st.tickets_issued >= 1
     for c in clients:
         c.close()
 

@@ -168,6 +168,10 @@ def _int(value: object) -> int:
     raise redis.ResponseError(f"unexpected answer {value!r} (not a number)")
 
 
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
 def _leases(n: int) -> str:
     return "1 lease" if n == 1 else f"{n} leases"
 
@@ -229,6 +233,7 @@ class LeaseClient:
         self._redis, self.server = connect(spec, self.op_timeout)
         self._owns_client = not isinstance(spec, redis.Redis)
         self._keys = _names.keys(self.name)
+        self._heads: dict[str, bytes] = {}
         self._create_limit = limit
         self._fresh = fresh
         self._lock = threading.Lock()
@@ -273,6 +278,17 @@ class LeaseClient:
         except TypeError:  # redis-py < 5.3 wants a command name
             return pool.get_connection("EVALSHA")
 
+    def _packed(self, script: S.Script, args: Sequence[object]) -> bytes:
+        """``EVALSHA sha 5 KEYS... ARGS...`` in RESP, the constant part built once."""
+        head = self._heads.get(script.sha)
+        if head is None:
+            head = b"".join(_bulk(x) for x in (b"EVALSHA", script.sha.encode(),
+                                               str(len(self._keys)).encode(),
+                                               *(k.encode() for k in self._keys)))
+            self._heads[script.sha] = head
+        return b"".join((b"*%d\r\n" % (3 + len(self._keys) + len(args)), head,
+                         *(_bulk(str(a).encode()) for a in args)))
+
     def _call(self, script: S.Script, args: Sequence[object], timeout: float) -> list[Any]:
         """Run ``script`` once, waiting at most ``timeout`` for its answer.
 
@@ -280,18 +296,22 @@ class LeaseClient:
         pool = self._redis.connection_pool
         conn = self._get_connection()
         try:
-            for command, body in (("EVALSHA", script.sha), ("EVAL", script.source)):
-                conn.send_command(command, body, len(self._keys), *self._keys, *args)
-                if not conn.can_read(timeout=max(timeout, 0.001)):
-                    conn.disconnect()
+            conn.send_packed_command([self._packed(script, args)])
+            for attempt in range(2):
+                # the socket's own timeout bounds the read when it is short enough
+                sock_timeout = getattr(conn, "socket_timeout", None)
+                if (sock_timeout is None or sock_timeout > timeout) and not conn.can_read(
+                        timeout=max(timeout, 0.001)):
                     raise redis.TimeoutError(f"no answer to {script.name} within "
                                              f"{timeout:.3f} s")
                 try:
-                    reply = conn.read_response()
+                    return list(conn.read_response())
                 except NoScriptError:
-                    continue
-                return list(reply)
-            raise redis.ResponseError(f"script {script.name} could not be loaded")
+                    if attempt:
+                        raise
+                    conn.send_command("EVAL", script.source, len(self._keys), *self._keys,
+                                      *args)
+            raise AssertionError("unreachable")
         except BaseException:
             conn.disconnect()
             raise

@@ -8,12 +8,17 @@ key                     type   contents
 ======================  =====  ===========================================================
 ``mppools:{N}:meta``    hash   ``gen`` (generation id), ``prev`` (the generation it replaced),
                                ``limit``, ``used`` (leases held by all hosts), ``seq`` (ticket
-                               counter), ``grace_until`` / ``created`` (server ms)
-``mppools:{N}:held``    hash   host id -> leases it holds (absent: none)
+                               counter), ``grace_until`` / ``created`` (server ms), and
+                               ``h:<host id>`` -> leases that host holds
 ``mppools:{N}:expiry``  zset   host id -> expiry of all its leases (server ms)
 ``mppools:{N}:tickets`` zset   waiting host id -> ticket number (FIFO order)
 ``mppools:{N}:wait``    zset   waiting host id -> expiry of its ticket (server ms)
 ======================  =====  ===========================================================
+
+The per-host counts sit in the meta hash (not a hash of their own) so that the hot scripts
+read everything they need with one ``HMGET`` and write it with one ``HSET``. None of the keys
+has a TTL: the coordination Redis must not evict them (``maxmemory-policy noeviction`` or a
+``volatile-*`` policy); a lost key reads as lost data (see the generation).
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ __all__ = [
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}\Z")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}\Z")
 
-#: the keys in the order every script takes them (KEYS[1] .. KEYS[5])
-KEY_SUFFIXES = ("meta", "held", "expiry", "tickets", "wait")
+#: the keys in the order every script takes them (KEYS[1] .. KEYS[4])
+KEY_SUFFIXES = ("meta", "expiry", "tickets", "wait")
 
 
 def validate_name(name: object) -> str:
@@ -92,6 +97,6 @@ def prefix(name: str) -> str:
 
 
 def keys(name: str) -> tuple[str, ...]:
-    """The five keys of budget ``name``, in script order (see :data:`KEY_SUFFIXES`)."""
+    """The four keys of budget ``name``, in script order (see :data:`KEY_SUFFIXES`)."""
     p = prefix(name)
     return tuple(p + s for s in KEY_SUFFIXES)

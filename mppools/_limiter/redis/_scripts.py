@@ -1,10 +1,11 @@
 """The Lua scripts that arbitrate one budget between hosts, and their contracts.
 
-Every script takes the five keys of :func:`mppools._limiter.redis._names.keys` (one hash tag:
-safe on Redis Cluster) and reads the time once, with ``redis.call('TIME')``: leases and tickets
-are scored in the coordination server's clock, never a client's. Times are integer
-milliseconds of that clock. A script that finds no generation, or another one than the
-caller's, answers ``LOST`` and changes nothing: the caller must :data:`REGISTER` what it holds.
+Every script takes the four keys of :func:`mppools._limiter.redis._names.keys` (one hash tag:
+safe on Redis Cluster; Redis 5 or later) and reads the time at most once, with
+``redis.call('TIME')``: leases and tickets are scored in the coordination server's clock,
+never a client's. Times are integer milliseconds of that clock. A script that finds no
+generation, or another one than the caller's, answers ``LOST`` and changes nothing: the
+caller must :data:`REGISTER` what it holds.
 
 Status codes (first element of every answer but ``init`` and ``stats``):
 
@@ -36,9 +37,10 @@ Contracts (ARGV in order; answers as arrays):
     Drop expired leases, then move the expiry of all leases ``host`` still holds to
     ``now + ttl_ms``. ``held`` lower than the caller thinks means leases expired.
 
-``release(host, n, gen, drop_ticket)`` -> ``{status, released, held, now}``
+``release(host, n, gen, drop_ticket)`` -> ``{status, released, held}``
     Give back up to ``n`` leases (never more than held); ``drop_ticket`` ``1`` also leaves the
-    queue (an acquire that timed out). The expiry of the rest is unchanged.
+    queue (an acquire that timed out). The expiry of the rest is unchanged. (Reads no clock:
+    it only lowers counts.)
 
 ``resize(limit, force)`` -> ``{status, used, limit, now}``
     Set the limit for every host. Below the leases held: ``REFUSED`` without ``force``; with
@@ -92,35 +94,43 @@ class Script:
     sha: str
 
 
-# KEYS[1] meta, KEYS[2] held, KEYS[3] expiry, KEYS[4] tickets, KEYS[5] wait
+# KEYS[1] meta (hash; also 'h:<host>' -> leases held), KEYS[2] expiry, KEYS[3] tickets,
+# KEYS[4] wait. The fast paths (acquire with nobody waiting, release) touch few keys: the
+# per-host counts live in the meta hash so that one HMGET reads and one HSET writes them.
 _PRELUDE = r"""
-if redis.replicate_commands then redis.replicate_commands() end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- drop the leases of hosts that did not renew in time; returns how many were dropped
 local function expire(now)
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-  if #dead > 0 then
-    local freed = 0
-    for _, h in ipairs(dead) do
-      freed = freed + tonumber(redis.call('HGET', KEYS[2], h) or '0')
-      redis.call('HDEL', KEYS[2], h)
-    end
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-    redis.call('HINCRBY', KEYS[1], 'used', -freed)
+  if redis.call('ZCOUNT', KEYS[2], '-inf', now) == 0 then return 0 end
+  local fields = {}
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+    fields[#fields + 1] = 'h:' .. h
   end
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  local freed = 0
+  for _, c in ipairs(redis.call('HMGET', KEYS[1], unpack(fields))) do
+    freed = freed + tonumber(c or '0')
+  end
+  redis.call('HDEL', KEYS[1], unpack(fields))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if freed > 0 then redis.call('HINCRBY', KEYS[1], 'used', -freed) end
+  return freed
+end
+-- drop the tickets of hosts that stopped asking
+local function expire_tickets(now)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
   if #gone > 0 then
-    redis.call('ZREM', KEYS[4], unpack(gone))
-    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+    redis.call('ZREM', KEYS[3], unpack(gone))
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   end
 end
 local function held_by(host)
-  return tonumber(redis.call('HGET', KEYS[2], host) or '0')
+  return tonumber(redis.call('HGET', KEYS[1], 'h:' .. host) or '0')
 end
 local function wipe()
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
 """
 
@@ -142,38 +152,54 @@ return {1, ARGV[3], tonumber(ARGV[1]), grace, now}
 _ACQUIRE = r"""
 local now = now_ms()
 local host, n, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until')
+local hf = 'h:' .. host
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until', 'used', hf)
 if (not m[1]) or m[1] ~= ARGV[4] then
   return {1, 0, 0, 0, now, 0, 0, m[1] or ''}
 end
-expire(now)
-local limit, grace = tonumber(m[2]), tonumber(m[3])
-local held = held_by(host)
+local limit, grace, used = tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
+local held = tonumber(m[5] or '0')
+local freed = expire(now)
+if freed > 0 then
+  used = used - freed
+  held = held_by(host)
+end
 local status, granted = 0, 0
 if grace > now then status = 2 end
 if n > 0 then
-  if not redis.call('ZSCORE', KEYS[4], host) then
-    redis.call('ZADD', KEYS[4], redis.call('HINCRBY', KEYS[1], 'seq', 1), host)
+  -- first come, first served: only the host at the head of the queue (or anyone, when
+  -- nobody waits) may take a free lease
+  local head = nil
+  if redis.call('ZCARD', KEYS[3]) > 0 then
+    head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    if head ~= host then
+      expire_tickets(now)
+      head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    end
   end
-  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[5]), host)
-  if status == 0 and redis.call('ZRANGE', KEYS[4], 0, 0)[1] == host then
-    local free = limit - tonumber(redis.call('HGET', KEYS[1], 'used'))
-    if free > 0 then granted = math.min(n, free) end
+  if status == 0 and ((not head) or head == host) and used < limit then
+    granted = math.min(n, limit - used)
   end
   if granted == n or (granted > 0 and ARGV[6] == '1') then
-    redis.call('ZREM', KEYS[4], host)
-    redis.call('ZREM', KEYS[5], host)
+    if head == host then
+      redis.call('ZREM', KEYS[3], host)
+      redis.call('ZREM', KEYS[4], host)
+    end
+  else
+    if head ~= host and not redis.call('ZSCORE', KEYS[3], host) then
+      redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[1], 'seq', 1), host)
+    end
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), host)
   end
 end
-local expiry = 0
 if granted > 0 then
   held = held + granted
-  redis.call('HSET', KEYS[2], host, held)
-  redis.call('HINCRBY', KEYS[1], 'used', granted)
+  redis.call('HSET', KEYS[1], 'used', used + granted, hf, held)
 end
+local expiry = 0
 if held > 0 then
   expiry = now + ttl
-  redis.call('ZADD', KEYS[3], expiry, host)
+  redis.call('ZADD', KEYS[2], expiry, host)
 end
 return {status, granted, held, expiry, now, limit, grace, m[1]}
 """
@@ -181,44 +207,38 @@ return {status, granted, held, expiry, now, limit, grace, m[1]}
 _RENEW = r"""
 local now = now_ms()
 local host, ttl = ARGV[1], tonumber(ARGV[2])
-local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until')
+local m = redis.call('HMGET', KEYS[1], 'gen', 'limit', 'grace_until', 'h:' .. host)
 if (not m[1]) or m[1] ~= ARGV[3] then
   return {1, 0, 0, now, 0, 0, m[1] or ''}
 end
-expire(now)
-local held, expiry = held_by(host), 0
+local held, expiry = tonumber(m[4] or '0'), 0
+if expire(now) > 0 then held = held_by(host) end
 if held > 0 then
   expiry = now + ttl
-  redis.call('ZADD', KEYS[3], expiry, host)
+  redis.call('ZADD', KEYS[2], expiry, host)
 end
 return {0, held, expiry, now, tonumber(m[2]), tonumber(m[3]), m[1]}
 """
 
 _RELEASE = r"""
-local now = now_ms()
 local host, n = ARGV[1], tonumber(ARGV[2])
-local gen = redis.call('HGET', KEYS[1], 'gen')
-if (not gen) or gen ~= ARGV[3] then
-  return {1, 0, 0, now}
+local hf = 'h:' .. host
+local m = redis.call('HMGET', KEYS[1], 'gen', 'used', hf)
+if (not m[1]) or m[1] ~= ARGV[3] then
+  return {1, 0, 0}
 end
-expire(now)
 if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[3], host)
   redis.call('ZREM', KEYS[4], host)
-  redis.call('ZREM', KEYS[5], host)
 end
-local held = held_by(host)
+-- no expiry pass: the leases of this host still counted are given back now instead
+local held = tonumber(m[3] or '0')
 local k = math.min(n, held)
 if k > 0 then
   held = held - k
-  if held == 0 then
-    redis.call('HDEL', KEYS[2], host)
-    redis.call('ZREM', KEYS[3], host)
-  else
-    redis.call('HSET', KEYS[2], host, held)
-  end
-  redis.call('HINCRBY', KEYS[1], 'used', -k)
+  redis.call('HSET', KEYS[1], 'used', tonumber(m[2]) - k, hf, held)
 end
-return {0, k, held, now}
+return {0, k, held}
 """
 
 _RESIZE = r"""
@@ -263,14 +283,14 @@ if gen ~= ARGV[3] and want > held then
   end
   if accepted > 0 then
     held = held + accepted
-    redis.call('HSET', KEYS[2], host, held)
+    redis.call('HSET', KEYS[1], 'h:' .. host, held)
     redis.call('HINCRBY', KEYS[1], 'used', accepted)
   end
 end
 local expiry = 0
 if held > 0 then
   expiry = now + ttl
-  redis.call('ZADD', KEYS[3], expiry, host)
+  redis.call('ZADD', KEYS[2], expiry, host)
 end
 return {status, accepted, held, expiry, now, limit, grace, gen}
 """
@@ -280,18 +300,20 @@ local now = now_ms()
 local m = redis.call('HMGET', KEYS[1], 'gen', 'prev', 'limit', 'grace_until', 'created', 'seq')
 if not m[1] then return {false, '', 0, 0, 0, now, 0, {}, {}, 0} end
 local hosts, used = {}, 0
-local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf', 'WITHSCORES')
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf', 'WITHSCORES')
 for i = 1, #live, 2 do
-  local h = tonumber(redis.call('HGET', KEYS[2], live[i]) or '0')
-  used = used + h
-  hosts[#hosts + 1] = live[i]
-  hosts[#hosts + 1] = h
-  hosts[#hosts + 1] = tonumber(live[i + 1])
+  local h = held_by(live[i])
+  if h > 0 then
+    used = used + h
+    hosts[#hosts + 1] = live[i]
+    hosts[#hosts + 1] = h
+    hosts[#hosts + 1] = tonumber(live[i + 1])
+  end
 end
 local tickets = {}
-local queue = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
+local queue = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
 for i = 1, #queue, 2 do
-  local exp = tonumber(redis.call('ZSCORE', KEYS[5], queue[i]) or '0')
+  local exp = tonumber(redis.call('ZSCORE', KEYS[4], queue[i]) or '0')
   if exp > now then
     tickets[#tickets + 1] = queue[i]
     tickets[#tickets + 1] = tonumber(queue[i + 1])
