@@ -53,7 +53,7 @@ from stress._bench_util import (
 __all__ = ["main"]
 
 FIGURES = ("warm", "slot", "contention", "reclaim", "idle", "e2e", "footprint",
-           "e2e_contention")
+           "e2e_contention", "gunicorn")
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,21 @@ class Plan:
     e2ec_sweep_limit: int = 2
     e2ec_sweep_delay_ms: int = 20
     e2ec_rabbit: bool = False
+    # 9. gunicorn-shaped load (stress/gunicorn_load.py)
+    g_window: float = 0.4
+    g_grace: float = 0.6
+    g_reps: int = 1
+    g_rates: tuple[int, ...] = (200, 800)
+    g_delays_ms: tuple[int, ...] = (0, 20)
+    g_limit: int = 3
+    g_workers: int = 8
 
 
 QUICK = Plan(True, 300, 9, 0.003, 7, (2, 8), (2,), (0, 20), 0.25, 1, 5, 5, 2, 0.4, 1, 8, 1)
 FULL = Plan(False, 2000, 41, 0.015, 31, (2, 4, 8, 16, 64), (1, 2, 4), (0, 20), 0.6, 3,
             31, 31, 2, 1.5, 9, 8, 5,
             e2ec_window=3.0, e2ec_reps=3, e2ec_quanta=(0.0, 0.02, 0.05, 0.1, 0.2),
-            e2ec_rabbit=True)
+            e2ec_rabbit=True, g_window=3.0, g_grace=2.0, g_reps=3)
 
 
 @dataclass
@@ -847,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     detail: list[dict[str, Any]] = []
     skipped: list[str] = ["6. rabbitmq: skipped in this version (redis only)"]
     with maybe_redis("warm" in only or "slot" in only or "e2e" in only
-                     or "e2e_contention" in only) as redis:
+                     or "e2e_contention" in only or "gunicorn" in only) as redis:
         if "warm" in only:
             _log("1. warm path")
             rows.append(fig_warm(plan, "memory://", "memory"))
@@ -882,6 +890,13 @@ def main(argv: list[str] | None = None) -> int:
             from stress.e2e_contention import fig_e2e_contention
 
             more_rows, more_skipped = fig_e2e_contention(plan, redis)
+            rows += more_rows
+            skipped += more_skipped
+        if "gunicorn" in only:
+            _log("9. gunicorn-shaped load")
+            from stress.gunicorn_load import fig_gunicorn
+
+            more_rows, more_skipped = fig_gunicorn(plan, redis)
             rows += more_rows
             skipped += more_skipped
     elapsed = time.monotonic() - started

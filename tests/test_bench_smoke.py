@@ -34,6 +34,9 @@ E2E_CONTENTION = [f"e2ec_redis_L{lim}_d{ms}_{what}" for lim in (2, 4) for ms in 
                   for what in ("throughput", "vs_connect", "p99_wait", "fairness", "peak")]
 CONTENTION_PREFIXES = ["contention_throughput_", "contention_fairness_",
                        "contention_flatness_"]
+#: figure 9 (stress/gunicorn_load.py), quick plan: 200 and 800 req/s, 0 and 20 ms per connect
+GUNICORN = [f"gunicorn_r{rate}_d{ms}_{what}" for rate in (200, 800) for ms in (0, 20)
+            for what in ("p50", "p50_vs_connect", "p99", "p99_vs_connect", "rate", "peak")]
 
 
 def _numeric(value: object) -> bool:
@@ -83,6 +86,44 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
         # optional reference rows: numbers, or explicitly skipped
         assert _numeric(row["mppools"]) or row["note"] == "skipped: not installed"
     assert result["meta"]["mode"] == "quick"
+
+
+def _gunicorn_installed() -> bool:
+    try:
+        import gunicorn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
+@pytest.mark.skipif(not _gunicorn_installed(), reason="gunicorn not installed")
+def test_bench_quick_gunicorn_figure(tmp_path: Path) -> None:
+    """Figure 9 alone: real gunicorn (8 sync workers) under open-loop load, three
+    configurations; the rows are numeric and the proxy counted at most L=3 for mppools."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stress", "bench", "--quick", "--only", "gunicorn", "--json",
+         str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    for key in GUNICORN:
+        assert key in figures, f"missing figure {key}"
+        row = figures[key]
+        for field in ("mppools", "baseline", "ratio"):
+            assert _numeric(row[field]), f"{key}.{field} = {row[field]!r}"
+        assert row["higher_is_better"] == key.endswith("_rate"), row
+        if key.endswith(("_p50", "_p99", "_vs_connect")):
+            assert "lower is better" in row["figure"], row
+        if key.endswith("_peak"):  # the proxy's count: the cap held (not a timing)
+            assert row["met"] is True and row["mppools"] <= 3, row
+    assert not any(k.startswith("gunicorn_") and k not in GUNICORN for k in figures)
 
 
 def test_chaos_dispatch_is_lazy() -> None:
