@@ -1,6 +1,9 @@
 """Cost of one cross-host lease: ``LeaseClient.acquire(1)`` + ``release(1)`` against the
 anchor, a bare Lua ``INCR`` script and a bare Lua ``DECR`` script (two round trips, what the
-cheapest Redis semaphore costs). Goal (issue 10): at most 1.2 times the anchor.
+cheapest Redis semaphore costs). Goal (issue 10): at most 1.2 times the anchor. Two anchors:
+``anchor`` calls the scripts through redis-py as an application would (``register_script``),
+``anchor_raw`` sends them packed once on one dedicated connection (the floor; the lease client
+takes that path too).
 
     python -m stress.redis_lease [--cycles 2000] [--reps 15] [--budget 60]
 
@@ -36,6 +39,13 @@ def _per_cycle(cycles: int, body: Callable[[], None]) -> Callable[[], float]:
     return sample
 
 
+def _deciles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return (float("nan"), float("nan"))
+    return (ordered[len(ordered) // 10], ordered[(len(ordered) * 9) // 10])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stress.redis_lease", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,27 +68,46 @@ def main(argv: list[str] | None = None) -> int:
             incr(keys=[counter])
             decr(keys=[counter])
 
+        # the same pair on one dedicated connection, packed once: the floor of 2 round trips
+        conn = r.connection_pool.make_connection()
+        packed = [
+            [b"*4\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in
+                                    (b"EVALSHA", sha.encode(), b"1", counter.encode()))]
+            for sha in (incr.sha, decr.sha)]
+
+        def anchor_raw() -> None:
+            for command in packed:
+                conn.send_packed_command(command)
+                conn.read_response()
+
         def leased() -> None:
             lease.acquire(1)
             lease.release(1)
 
-        for fn in (anchor, leased):  # warm up: scripts loaded, connections open
+        for fn in (anchor, anchor_raw, leased):  # warm up: scripts loaded, connections open
             for _ in range(200):
                 fn()
         samples = interleave([("anchor", _per_cycle(args.cycles, anchor)),
+                              ("anchor_raw", _per_cycle(args.cycles, anchor_raw)),
                               ("lease", _per_cycle(args.cycles, leased))],
                              args.reps, args.budget)
-        ratios = paired_ratios(samples["lease"], samples["anchor"])
-        result = {
-            "cycles_per_sample": args.cycles,
-            "samples": len(ratios),
-            "anchor_us_median": round(median(samples["anchor"]), 2),
-            "lease_us_median": round(median(samples["lease"]), 2),
-            "ratio_median": round(median(ratios), 3),
-            "ratio_min": round(min(ratios), 3),
-            "ratio_max": round(max(ratios), 3),
-            "goal": 1.2,
-        }
+        result: dict[str, object] = {"cycles_per_sample": args.cycles,
+                                     "samples": len(samples["lease"])}
+        for subject in ("anchor", "anchor_raw", "lease"):
+            result[f"{subject}_us_median"] = round(median(samples[subject]), 2)
+        for base in ("anchor", "anchor_raw"):
+            ratios = paired_ratios(samples["lease"], samples[base])
+            result[f"ratio_vs_{base}_median"] = round(median(ratios), 3)
+            result[f"ratio_vs_{base}_p10_p90"] = [round(q, 3) for q in _deciles(ratios)]
+        # server CPU per cycle (commandstats), the part the scripts add
+        for label, fn in (("anchor", anchor_raw), ("lease", leased)):
+            r.config_resetstat()
+            for _ in range(args.cycles):
+                fn()
+            stat = r.info("commandstats").get("cmdstat_evalsha", {})
+            result[f"server_us_per_cycle_{label}"] = round(stat.get("usec", 0) / args.cycles, 2)
+        result["goal"] = 1.2
+        conn.disconnect()
         r.delete(counter, *keys(name))
         lease.close()
     finally:

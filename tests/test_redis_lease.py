@@ -464,3 +464,27 @@ def test_scripts_are_loaded_after_script_flush(redis_server: RedisServer,
     redis_server.command("SCRIPT", "FLUSH")
     assert a.release(1) == 0
     assert S.ACQUIRE.sha in {s.sha for s in S.SCRIPTS}
+
+
+# -- lost answers ----------------------------------------------------------------------------
+
+
+def test_release_is_idempotent(redis_server: RedisServer, lease_name: str) -> None:
+    a = LeaseClient(redis_server.url, lease_name, "host0", ttl=5.0, limit=3, fresh=True)
+    assert a.acquire(3) == 3
+    with a._lock:
+        for expected in (2, 0):  # "hold at most 1", twice: the repeat gives back nothing
+            reply, _ = a._run(S.RELEASE, ("host0", 1, a.generation, 0), "test")
+            assert reply[:3] == [0, expected, 1]
+    assert a.stats().in_use == 1
+
+
+def test_a_grant_whose_answer_was_lost_is_given_back(redis_server: RedisServer,
+                                                     lease_name: str) -> None:
+    a = LeaseClient(redis_server.url, lease_name, "host0", ttl=5.0, limit=3, fresh=True)
+    assert a.acquire(1) == 1
+    with a._lock:  # the server grants 2 more, the client never hears of it
+        a._run(S.ACQUIRE, ("host0", 2, 5000, a.generation, 1000, 0), "test")
+    assert a.stats().in_use == 3
+    assert a.renew() is not None
+    assert (a.held, a.stats().in_use) == (1, 1)

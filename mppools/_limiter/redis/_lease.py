@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import threading
 import time
@@ -234,6 +235,9 @@ class LeaseClient:
         self._owns_client = not isinstance(spec, redis.Redis)
         self._keys = _names.keys(self.name)
         self._heads: dict[str, bytes] = {}
+        self._conn: Any = None
+        self._conn_pid = 0
+        self._conn_used = False
         self._create_limit = limit
         self._fresh = fresh
         self._lock = threading.Lock()
@@ -271,12 +275,14 @@ class LeaseClient:
                 f"{self._held} held, limit {self._limit}, deadline in {left}>")
 
     # -- wire ----------------------------------------------------------------------------
-    def _get_connection(self) -> Any:
-        pool = self._redis.connection_pool
-        try:
-            return pool.get_connection()
-        except TypeError:  # redis-py < 5.3 wants a command name
-            return pool.get_connection("EVALSHA")
+    def _connection(self) -> Any:
+        """This client's one connection (calls are serialized: one is enough, and it skips
+        the pool's bookkeeping on the hot path); a new one after a fork."""
+        pid = os.getpid()
+        if self._conn is None or self._conn_pid != pid:
+            self._conn = self._redis.connection_pool.make_connection()
+            self._conn_pid, self._conn_used = pid, False
+        return self._conn
 
     def _packed(self, script: S.Script, args: Sequence[object]) -> bytes:
         """``EVALSHA sha 5 KEYS... ARGS...`` in RESP, the constant part built once."""
@@ -289,34 +295,49 @@ class LeaseClient:
         return b"".join((b"*%d\r\n" % (3 + len(self._keys) + len(args)), head,
                          *(_bulk(str(a).encode()) for a in args)))
 
+    def _exchange(self, conn: Any, script: S.Script, args: Sequence[object],
+                  timeout: float) -> list[Any]:
+        conn.send_packed_command([self._packed(script, args)])
+        for attempt in range(2):
+            # the socket's own timeout bounds the read when it is short enough
+            sock_timeout = getattr(conn, "socket_timeout", None)
+            if (sock_timeout is None or sock_timeout > timeout) and not conn.can_read(
+                    timeout=max(timeout, 0.001)):
+                raise redis.TimeoutError(f"no answer to {script.name} within {timeout:.3f} s")
+            try:
+                return list(conn.read_response())
+            except NoScriptError:
+                if attempt:
+                    raise
+                conn.send_command("EVAL", script.source, len(self._keys), *self._keys, *args)
+        raise AssertionError("unreachable")
+
     def _call(self, script: S.Script, args: Sequence[object], timeout: float) -> list[Any]:
-        """Run ``script`` once, waiting at most ``timeout`` for its answer.
+        """Run ``script`` once, waiting at most ``timeout`` for its answer. A connection that
+        broke while idle (a restarted server) is replaced once: every script may run twice
+        (release is idempotent, a repeated grant is given back by reconciliation).
 
         Raises redis-py's ConnectionError/TimeoutError/ResponseError (callers translate)."""
-        pool = self._redis.connection_pool
-        conn = self._get_connection()
-        try:
-            conn.send_packed_command([self._packed(script, args)])
-            for attempt in range(2):
-                # the socket's own timeout bounds the read when it is short enough
-                sock_timeout = getattr(conn, "socket_timeout", None)
-                if (sock_timeout is None or sock_timeout > timeout) and not conn.can_read(
-                        timeout=max(timeout, 0.001)):
-                    raise redis.TimeoutError(f"no answer to {script.name} within "
-                                             f"{timeout:.3f} s")
-                try:
-                    return list(conn.read_response())
-                except NoScriptError:
-                    if attempt:
-                        raise
-                    conn.send_command("EVAL", script.source, len(self._keys), *self._keys,
-                                      *args)
-            raise AssertionError("unreachable")
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
+        end = time.monotonic() + timeout
+        for attempt in range(2):
+            conn = self._connection()
+            reused = self._conn_used
+            try:
+                reply = self._exchange(conn, script, args, timeout)
+            except redis.ConnectionError:
+                conn.disconnect()
+                self._conn_used = False
+                timeout = end - time.monotonic()
+                if attempt or not reused or timeout <= 0:
+                    raise
+                continue
+            except BaseException:
+                conn.disconnect()
+                self._conn_used = False
+                raise
+            self._conn_used = True
+            return reply
+        raise AssertionError("unreachable")
 
     def _fail(self, exc: BaseException, operation: str, waited: float = 0.0) -> CoordinationError:
         return CoordinationError(
@@ -405,9 +426,8 @@ class LeaseClient:
                 lost=lost, held=server_held, reason="expired")
         if server_held > self._held:
             # an earlier answer was lost after the server granted: give the excess back
-            excess = server_held - self._held
-            self._run(S.RELEASE, (self.host_id, excess, self._generation, 0),
-                      f"give back {excess} leases granted in a lost answer")
+            self._run(S.RELEASE, (self.host_id, self._held, self._generation, 0),
+                      f"give back {server_held - self._held} leases granted in a lost answer")
         if self._held:
             self._set_deadline(t0, expiry, now)
 
@@ -450,7 +470,7 @@ class LeaseClient:
             # leases held before this call expired: the caller hears of the loss, not of
             # this call's grants, so give those back
             with contextlib.suppress(CoordinationError):
-                self._run(S.RELEASE, (self.host_id, granted, gen, 1), "give back a grant")
+                self._run(S.RELEASE, (self.host_id, held - granted, gen, 1), "give back a grant")
                 held -= granted
             granted = 0
         self._reconcile(held - granted, t0, _int(reply[3]), _int(reply[4]))
@@ -505,12 +525,10 @@ class LeaseClient:
             # leave the queue and give back what this call got (best effort: the ticket
             # lapses on its own and unrenewed leases expire)
             with self._lock:
-                try:
-                    self._run(S.RELEASE, (self.host_id, got, self._generation, 1),
+                self._held -= got  # no connection may use them, given back or not
+                with contextlib.suppress(CoordinationError):
+                    self._run(S.RELEASE, (self.host_id, self._held, self._generation, 1),
                               "leave the queue", min(self.op_timeout, 0.2))
-                    self._held -= got
-                except CoordinationError:
-                    pass
         if failure is not None:
             raise CoordinationError(
                 f"{failure} (for {waited:.2f} s of an acquire with timeout {wait:.2f} s)",
@@ -539,12 +557,10 @@ class LeaseClient:
             if self._generation is None or k == 0:
                 return self._held
             self._held -= k
-            reply, _ = self._run(S.RELEASE, (self.host_id, k, self._generation, 0),
-                                 f"release {k} leases")
-            if _int(reply[0]) == S.OK and _int(reply[2]) > self._held:
-                # a grant whose answer we never saw: give it back as well
-                self._run(S.RELEASE, (self.host_id, _int(reply[2]) - self._held,
-                                      self._generation, 0), "release unknown leases")
+            # "hold at most this many": repeated after a lost answer it gives back no more,
+            # and it also returns grants whose answer never arrived
+            self._run(S.RELEASE, (self.host_id, self._held, self._generation, 0),
+                      f"release {_leases(k)}")
             return self._held
 
     def resize(self, limit: int, *, force: bool = False) -> None:
@@ -605,6 +621,10 @@ class LeaseClient:
                 self.release(self._held)
             except CoordinationError:
                 self._held = 0
+        with self._lock:
+            if self._conn is not None and self._conn_pid == os.getpid():
+                self._conn.disconnect()
+            self._conn = None
         if self._owns_client:
             self._redis.connection_pool.disconnect()
 

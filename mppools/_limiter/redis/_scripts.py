@@ -37,10 +37,11 @@ Contracts (ARGV in order; answers as arrays):
     Drop expired leases, then move the expiry of all leases ``host`` still holds to
     ``now + ttl_ms``. ``held`` lower than the caller thinks means leases expired.
 
-``release(host, n, gen, drop_ticket)`` -> ``{status, released, held}``
-    Give back up to ``n`` leases (never more than held); ``drop_ticket`` ``1`` also leaves the
-    queue (an acquire that timed out). The expiry of the rest is unchanged. (Reads no clock:
-    it only lowers counts.)
+``release(host, target, gen, drop_ticket)`` -> ``{status, released, held}``
+    Give back leases until ``host`` holds at most ``target`` (idempotent: a call repeated
+    after a lost answer gives back nothing more; also returns grants whose answer the host
+    never saw); ``drop_ticket`` ``1`` also leaves the queue (an acquire that timed out). The
+    expiry of the rest is unchanged. Reads no clock: it only lowers counts.
 
 ``resize(limit, force)`` -> ``{status, used, limit, now}``
     Set the limit for every host. Below the leases held: ``REFUSED`` without ``force``; with
@@ -221,7 +222,7 @@ return {0, held, expiry, now, tonumber(m[2]), tonumber(m[3]), m[1]}
 """
 
 _RELEASE = r"""
-local host, n = ARGV[1], tonumber(ARGV[2])
+local host, target = ARGV[1], tonumber(ARGV[2])
 local hf = 'h:' .. host
 local m = redis.call('HMGET', KEYS[1], 'gen', 'used', hf)
 if (not m[1]) or m[1] ~= ARGV[3] then
@@ -233,10 +234,11 @@ if ARGV[4] == '1' then
 end
 -- no expiry pass: the leases of this host still counted are given back now instead
 local held = tonumber(m[3] or '0')
-local k = math.min(n, held)
-if k > 0 then
-  held = held - k
-  redis.call('HSET', KEYS[1], 'used', tonumber(m[2]) - k, hf, held)
+local k = 0
+if held > target then
+  k = held - target
+  redis.call('HSET', KEYS[1], 'used', tonumber(m[2]) - k, hf, target)
+  held = target
 end
 return {0, k, held}
 """
