@@ -45,7 +45,7 @@ logger = logging.getLogger("mppools")
 DEFAULT_ACQUIRE_TIMEOUT = 10.0
 #: under contention a connection in active use is handed on at most once per this many
 #: seconds (see docs/concepts.md, "Contention"); idle ones are handed on at once
-DEFAULT_HOLD_QUANTUM = 0.5
+DEFAULT_HOLD_QUANTUM = 0.2
 MAX_HOLD_QUANTUM = 60.0
 #: idle pooled connections older than this are closed and their slots given back
 DEFAULT_IDLE_TIMEOUT = 300.0
