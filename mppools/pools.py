@@ -416,7 +416,9 @@ class ProducerPool(_kombu_pools.ProducerPool):
         if self.limit:
             while True:
                 try:
-                    R = self._resource.get(block=block, timeout=_remaining(deadline))
+                    R = self._resource.get(
+                        block=block,
+                        timeout=None if deadline is None else _remaining(deadline))
                 except Empty:
                     self._add_when_empty()
                     continue
@@ -442,11 +444,9 @@ class ProducerPool(_kombu_pools.ProducerPool):
         return self._prepare(p, None)
 
     def _prepare(self, p: Any, deadline: float | None) -> Any:
-        if isinstance(p, lazy):
-            # a placeholder of new(): make the producer with the caller's deadline
-            p = self._create_producer(deadline)
-        elif callable(p):
-            p = p()
+        if callable(p):
+            # a placeholder of new() (a lazy): make the producer with the caller's deadline
+            p = self._create_producer(deadline) if isinstance(p, lazy) else p()
         if p._channel is None:
             conn = self._acquire_connection(deadline)
             try:
