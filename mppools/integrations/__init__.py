@@ -12,8 +12,11 @@ Both read the budget's settings from their arguments or from the environment:
 ``MPPOOLS_NAME``
     the budget's name (default: ``pid<master pid>-<random>``; give one to let other masters on the
     host, or ``mppools status NAME``, join or watch the same budget);
-``MPPOOLS_ACQUIRE_TIMEOUT`` / ``MPPOOLS_IDLE_TIMEOUT``
-    seconds (``none`` for no bound), defaults as in :func:`mppools.configure`.
+``MPPOOLS_ACQUIRE_TIMEOUT`` / ``MPPOOLS_IDLE_TIMEOUT`` / ``MPPOOLS_HOLD_QUANTUM``
+    seconds (``none`` for no bound, where that means anything), defaults as in
+    :func:`mppools.configure`;
+``MPPOOLS_BACKEND``
+    where the budget lives, as :func:`mppools.configure`'s ``backend`` (default ``posix``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ ENV_LIMIT = "MPPOOLS_LIMIT"
 ENV_NAME = "MPPOOLS_NAME"
 ENV_ACQUIRE_TIMEOUT = "MPPOOLS_ACQUIRE_TIMEOUT"
 ENV_IDLE_TIMEOUT = "MPPOOLS_IDLE_TIMEOUT"
+ENV_HOLD_QUANTUM = "MPPOOLS_HOLD_QUANTUM"
+ENV_BACKEND = "MPPOOLS_BACKEND"
 
 
 def _seconds(var: str, raw: str) -> float | None:
@@ -70,4 +75,11 @@ def settings_from_env(
         kwargs["acquire_timeout"] = _seconds(ENV_ACQUIRE_TIMEOUT, env[ENV_ACQUIRE_TIMEOUT])
     if "idle_timeout" not in kwargs and env.get(ENV_IDLE_TIMEOUT) is not None:
         kwargs["idle_timeout"] = _seconds(ENV_IDLE_TIMEOUT, env[ENV_IDLE_TIMEOUT])
+    if "hold_quantum" not in kwargs and env.get(ENV_HOLD_QUANTUM, "").strip():
+        quantum = _seconds(ENV_HOLD_QUANTUM, env[ENV_HOLD_QUANTUM])
+        if quantum is None:
+            raise ConfigurationError(f"{ENV_HOLD_QUANTUM} needs a number of seconds (0 for none)")
+        kwargs["hold_quantum"] = quantum
+    if "backend" not in kwargs and env.get(ENV_BACKEND, "").strip():
+        kwargs["backend"] = env[ENV_BACKEND].strip()
     return limit, name, kwargs
