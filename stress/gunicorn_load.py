@@ -430,7 +430,9 @@ def _rows(runs: dict[str, list[LoadResult]], rate: float, delay: float, limit: i
              f"{stats['connect']['peak']:.0f}; connections accepted per round (median): "
              f"mppools {stats['mppools']['accepted']:.0f}, kombu.pools "
              f"{stats['kombu']['accepted']:.0f}, connect-per-publish "
-             f"{stats['connect']['accepted']:.0f}; {qnote}"))
+             f"{stats['connect']['accepted']:.0f}; the proxy counts sockets: kombu's redis "
+             f"transport opens 2 per Connection, mppools' 1 (mppools/_transports.py); "
+             f"{qnote}"))
     return rows
 
 
