@@ -140,7 +140,14 @@ def _e2e_contention(plt: Any, figures: dict[str, dict[str, Any]], mode: str,
                 ax.annotate(f"{v:.3g} ms", (x - w / 2, v), ha="center", va="bottom",
                             fontsize=7, xytext=(0, 2), textcoords="offset points")
         if any(v for v in p99 + p99_kb):
+            from matplotlib import ticker
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi * 1.6)  # room for the value labels
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_ylabel("p99 acquire wait, ms (log; lower is better)")
         ax.set_title(_wrap(f"8. {broker}: p99 wait for producers[conn].acquire() "
