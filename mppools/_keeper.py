@@ -74,6 +74,7 @@ class Keeper:
         self._held: dict[int, weakref.ref[LimitedConnection]] = {}
         #: yield requests to look at again when their connection may yield (keeper thread)
         self._deferred: dict[int, float] = {}
+        self._poker: socket.socket | None = None  # wakes our own thread (look_again)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -99,6 +100,22 @@ class Keeper:
         finally:
             with self._lock:
                 self._starting = False
+
+    def look_again(self, token: int) -> None:
+        """The connection holding ``token`` went idle while someone waits, inside its hold
+        quantum: hand it on if it is still idle IDLE_GRACE from now (no waiter has to ask).
+        Called by the pools from any thread; one wake-up of the keeper per look."""
+        if token in self._deferred or self._sock is None:
+            return
+        self._deferred[token] = time.monotonic() + IDLE_GRACE
+        sock = self._sock
+        try:
+            if self._poker is None:
+                self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._poker.setblocking(False)
+            self._poker.sendto(b"w", sock.getsockname())  # a turn of its loop, not a request
+        except OSError:  # stopped meanwhile: the waiter's own requests still come
+            self._deferred.pop(token, None)
 
     def untrack(self, token: int) -> None:
         with self._lock:
@@ -160,26 +177,28 @@ class Keeper:
         sweep_at = time.monotonic() + self._next_sweep_in()
         while not self._stopping:
             now = time.monotonic()
-            due = min([sweep_at, *self._deferred.values()])
+            due = min([sweep_at, *list(self._deferred.values())])
             try:
                 # never 0: settimeout(0) would make the socket non-blocking
                 sock.settimeout(max(due - now, 0.0005))
                 data, ancdata, _, _ = _green.recvmsg(sock, 64, _CREDS_SPACE)
             except (TimeoutError, BlockingIOError):
-                now = time.monotonic()
-                if now >= sweep_at:
-                    self._sweep_idle()
-                    sweep_at = now + self._next_sweep_in()
-                for deferred in [t for t, at in self._deferred.items() if at <= now]:
-                    del self._deferred[deferred]
-                    if _someone_waits():
-                        self._yield_token(deferred)
-                continue
+                data = b""
             except OSError:
                 return  # closed by stop() or after fork
-            token = _yield.decode(data)
-            if token is not None and _sender_trusted(ancdata) and _someone_waits():
-                self._yield_token(token)
+            else:
+                token = _yield.decode(data)
+                if token is not None and _sender_trusted(ancdata) and _someone_waits():
+                    self._yield_token(token)
+            now = time.monotonic()
+            if now >= sweep_at:
+                self._sweep_idle()
+                sweep_at = now + self._next_sweep_in()
+            # list(): pools' threads add entries meanwhile (look_again)
+            for deferred in [t for t, at in list(self._deferred.items()) if at <= now]:
+                self._deferred.pop(deferred, None)
+                if _someone_waits():
+                    self._yield_token(deferred)
 
     @staticmethod
     def _idle_timeout() -> float | None:
@@ -231,6 +250,9 @@ class Keeper:
         sock, self._sock, self._thread, self._address = self._sock, None, None, None
         self._held = {}
         self._deferred = {}
+        poker, self._poker = self._poker, None
+        if poker is not None:
+            poker.close()
         self._stopping = False
         self._starting = False
         if sock is not None:

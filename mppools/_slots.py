@@ -49,9 +49,9 @@ from mppools._errors import DamagedSegmentError
 
 __all__ = [
     "CREATOR_TOKEN_AT",
+    "HANDOVER_COST_AT",
     "HEADER",
     "HEADER_SIZE",
-    "HANDOVER_COST_AT",
     "LAYOUT_VERSION",
     "MAGIC",
     "PRESSURE_DEBT",

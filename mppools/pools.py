@@ -344,6 +344,9 @@ class LimitedConnectionPool(ConnectionPool):
                 else:
                     resource._mppools_idle_since = now
                     view[at] = STATE_IDLE
+                    if pressure:
+                        # someone waits and our quantum runs: if we stay idle, hand on soon
+                        keeper().look_again(resource._mppools_slot.token)
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
@@ -357,6 +360,8 @@ class LimitedConnectionPool(ConnectionPool):
             else:
                 resource._mppools_idle_since = time.monotonic()
                 limiter.mark_idle(slot=resource._mppools_slot)
+                if limiter.under_pressure():
+                    keeper().look_again(resource._mppools_slot.token)
         # kombu's Resource.release, minus the discard done above
         if self.limit:
             self._resource.put_nowait(resource)

@@ -137,3 +137,38 @@ def test_the_hand_over_cost_is_a_running_average(budget_name: str) -> None:
     assert limiter.handover_cost() == pytest.approx(0.009)
     limiter.note_handover_cost(float("nan"))  # refused, like anything outside [0, 60)
     assert limiter.handover_cost() == pytest.approx(0.009)
+
+
+def test_a_connection_that_goes_idle_while_someone_waits_is_handed_on_unasked(
+    budget_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiter asked for yields while the only connection was busy (so asked nobody) and
+    sleeps on a 60 s slice; the holder then releases it to its pool inside its quantum. The
+    holder's own keeper must hand it on once it has been idle IDLE_GRACE, without a request
+    (a gunicorn worker going back to accept() after its request)."""
+    from mppools._limiter.posix import _wait
+
+    monkeypatch.setattr(_wait, "SLICE", 60.0)
+    monkeypatch.setattr(mppools.pools, "QUANTUM_FLOOR", 3600.0)
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=60.0,
+                                idle_timeout=None)
+    pool = mppools.connections[Connection("memory://")]
+    conn = pool.acquire(block=True, timeout=5)
+    conn.connect()
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            limiter.release(limiter.acquire(timeout=20))
+            outcome.append("got")
+        except mppools.LimitExceeded:
+            outcome.append("timed out")
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while limiter.stats().waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    conn.release()  # idle in its pool now, its quantum (an hour) far from over
+    waiter.join(30)
+    assert outcome == ["got"]
