@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Callable
 
-from ._wait import _new_lock
+from mppools import _green
 
 __all__ = ["Mutex"]
 
@@ -29,7 +29,7 @@ class Mutex:
     def __init__(self, fd: int, on_exit: Callable[[], None]) -> None:
         self._fd = fd
         self._on_exit = on_exit
-        self._tlock = _new_lock()
+        self._tlock = _green.Lock()
 
     def __enter__(self) -> None:
         self._tlock.acquire()
@@ -50,4 +50,4 @@ class Mutex:
 
     def after_fork_in_child(self) -> None:
         # a thread of the parent may have held it at fork time
-        self._tlock = _new_lock()
+        self._tlock = _green.Lock()

@@ -34,16 +34,11 @@ SLICE = 0.1
 MAX_WATCHED = 64
 
 
-def _new_lock() -> _green.Lock:
-    """An in-process lock that turns cooperative once gevent/eventlet patched threading."""
-    return _green.Lock()
-
-
 class Watcher:
     """pidfds of slot holders, shared by every waiting thread of this process."""
 
     def __init__(self) -> None:
-        self._lock = _new_lock()
+        self._lock = _green.Lock()
         self._fds: dict[tuple[int, int], list[int]] = {}  # ident -> [fd, users]
 
     def watch(
@@ -107,7 +102,7 @@ class Watcher:
     def after_fork_in_child(self) -> None:
         # the parent's waiting threads do not exist here; our fd copies are only fds
         fds, self._fds = self._fds, {}
-        self._lock = _new_lock()
+        self._lock = _green.Lock()
         for fd, _ in fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
