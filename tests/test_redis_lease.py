@@ -445,6 +445,35 @@ def test_unix_socket_url(tmp_path: Path) -> None:
         assert a.release(1) == 0
 
 
+def test_sentinel_url(private_redis: RedisServer, tmp_path: Path) -> None:
+    port = servers.free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor svc 127.0.0.1 {private_redis.port} 1\n")
+    proc = servers.popen(["redis-server", str(conf), "--sentinel"], log_path=tmp_path / "s.log",
+                         cwd=tmp_path, env=dict(os.environ))
+    try:
+        a = LeaseClient(f"redis+sentinel://127.0.0.1:{port}/svc", "sent", "host0", ttl=2.0,
+                        limit=1, fresh=True)
+        wait_until(lambda: _joins(a), what="sentinel knows the master")
+        assert a.acquire(1) == 1
+        b = LeaseClient(private_redis.url, "sent", "host1")  # the master itself
+        with pytest.raises(LimitExceeded):
+            b.acquire(1, timeout=0)
+        assert a.release(1) == 0
+        a.close()
+    finally:
+        servers.stop_process_tree(proc)
+
+
+def _joins(client: LeaseClient) -> bool:
+    try:
+        client.join()
+    except CoordinationError:
+        return False
+    return True
+
+
 def test_redis_client_and_password_are_not_shown(redis_server: RedisServer,
                                                  lease_name: str) -> None:
     import redis

@@ -282,6 +282,10 @@ class LeaseClient:
         if self._conn is None or self._conn_pid != pid:
             self._conn = self._redis.connection_pool.make_connection()
             self._conn_pid, self._conn_used = pid, False
+        if not self._conn_used:
+            # connect() explicitly: a Sentinel-managed connection finds its master there
+            # (sending on an unconnected one would dial the default address instead)
+            self._conn.connect()
         return self._conn
 
     def _packed(self, script: S.Script, args: Sequence[object]) -> bytes:
@@ -320,19 +324,22 @@ class LeaseClient:
         Raises redis-py's ConnectionError/TimeoutError/ResponseError (callers translate)."""
         end = time.monotonic() + timeout
         for attempt in range(2):
-            conn = self._connection()
             reused = self._conn_used
+            conn = None
             try:
+                conn = self._connection()
                 reply = self._exchange(conn, script, args, timeout)
             except redis.ConnectionError:
-                conn.disconnect()
+                if conn is not None:
+                    conn.disconnect()
                 self._conn_used = False
                 timeout = end - time.monotonic()
                 if attempt or not reused or timeout <= 0:
                     raise
                 continue
             except BaseException:
-                conn.disconnect()
+                if conn is not None:
+                    conn.disconnect()
                 self._conn_used = False
                 raise
             self._conn_used = True
