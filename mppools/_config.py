@@ -78,8 +78,9 @@ def current() -> Limiter | None:
 
 
 def backend_for(spec: object) -> Backend:
-    """The backend that ``spec`` names: ``"posix"`` (this host's processes, the default) or
-    ``"memory"`` (this process only).
+    """The backend that ``spec`` names: ``"posix"`` (this host's processes, the default),
+    ``"memory"`` (this process only), or a redis URL (``redis://``, ``rediss://``,
+    ``unix://``, ``redis+sentinel://``): one budget across hosts, coordinated there.
 
     Raises:
         ConfigurationError: ``spec`` is not a str naming a known backend.
@@ -96,11 +97,28 @@ def backend_for(spec: object) -> Backend:
 
         return BACKEND
     scheme, sep, _ = spec.partition("://")
+    if sep and scheme in ("redis", "rediss", "unix", "redis+sentinel"):
+        return _redis_backend(spec)
     what = f"scheme {scheme!r}" if sep else "name"
     raise ConfigurationError(
         f"unknown backend {spec!r} (unknown {what}): use 'posix' (the processes of this "
-        "host) or 'memory' (this process only)"
+        "host), 'memory' (this process only) or a redis URL (redis://, rediss://, unix://, "
+        "redis+sentinel://: one budget across hosts)"
     )
+
+
+def _redis_backend(spec: str) -> Backend:
+    """The cross-host backend on the coordination server ``spec`` (needs redis-py)."""
+    try:
+        from mppools._limiter.redis import _limiter as redis_limiter
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"backend {spec!r} needs redis-py: pip install 'mppools[redis]' ({exc})"
+        ) from None
+    redis_limiter.parse_spec(spec)  # a bad lease_ttl or fresh is refused before anything
+    return Backend(spec=spec, open=redis_limiter.open_backend(spec),
+                   validate_name=redis_limiter.validate_name,
+                   default_name=redis_limiter.default_name, host_bound=True)
 
 
 def _check_platform(backend: Backend) -> None:

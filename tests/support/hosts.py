@@ -1,0 +1,257 @@
+"""Simulated hosts on one machine for the cross-host (redis) backend.
+
+``Host(tmp)`` starts ``unshare --mount --pid --fork --mount-proc`` with a private tmpfs on
+``/dev/shm`` inside the new mount namespace, so two hosts share no POSIX objects and no pid
+namespace; both reach 127.0.0.1 (same network namespace). Inside runs this module's agent:
+the host's *master*. It serves one-line commands from its stdin, one answer line each::
+
+    configure NAME LIMIT SPEC   mppools.configure(LIMIT, name=NAME, backend=SPEC,
+                                idle_timeout=None) -> "OK"
+    workers K                   fork K worker processes (each serves commands over a pipe)
+                                -> "OK"
+    w I CMD...                  run CMD in worker I (the answer is the worker's)
+    wsend I CMD...              start CMD in worker I -> "OK"; ``wget I`` -> its answer
+    acquire T                   limiter.acquire(timeout=T) -> "GOT <s>" (seconds it took) /
+                                "EXCEEDED <type> <message>"
+    release                     release the last slot -> "OK"
+    churn ROUNDS T HOLD LOG     ROUNDS times: acquire (timeout T), append "+ <monotonic ns>"
+                                to the file LOG, hold HOLD s, append "- <ns>", release
+                                -> "OK <acquired> <exceeded>"
+    stats                       "OK <limit> <in_use> <local limit>"
+
+``ERROR <repr>`` for a failing command. Killing the host SIGKILLs its process group (unshare,
+the master and its workers: they share the group; the pid namespace dies with its init).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Host", "HostError", "intervals_peak"]
+
+_HERE = Path(__file__).resolve()
+_REPO = _HERE.parents[2]
+FLAGS = ("--mount", "--pid", "--fork", "--mount-proc")
+
+
+class HostError(Exception):
+    """The host answered ERROR, died, or did not answer in time."""
+
+
+class Host:
+    """One simulated host (its master process inside its own namespaces)."""
+
+    def __init__(self, start_timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        self._stderr = tempfile.TemporaryFile()
+        script = f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} {_HERE}"
+        self.proc = subprocess.Popen(
+            ["unshare", *FLAGS, "sh", "-c", script],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            env=env, cwd=str(_REPO), start_new_session=True)
+        self._buf = b""
+        try:
+            ready = self.reply(start_timeout)
+            if not ready.startswith("READY"):
+                raise HostError(f"host started with {ready!r}{self._tail()}")
+        except BaseException:
+            self.kill()
+            raise
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(command.encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise HostError(f"host {self.proc.pid} is gone ({exc!r}){self._tail()}") from exc
+
+    def reply(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HostError(f"host {self.proc.pid} gave no answer within {timeout:.1f} s"
+                                f"{self._tail()}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise HostError(f"host {self.proc.pid} exited ({self.proc.poll()})"
+                                    f"{self._tail()}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def call(self, command: str, timeout: float = 30.0) -> str:
+        self.send(command)
+        answer = self.reply(timeout)
+        if answer.startswith("ERROR"):
+            raise HostError(f"{command!r} -> {answer}{self._tail()}")
+        return answer
+
+    def kill(self) -> None:
+        """SIGKILL the host's whole process group and reap unshare."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        self._stderr.close()
+
+    def _tail(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            self._stderr.seek(0)
+            text = self._stderr.read().decode(errors="replace").strip()
+            if text:
+                return "\n--- host stderr ---\n" + text[-3000:]
+        return ""
+
+
+def intervals_peak(paths: list[Path]) -> tuple[int, int]:
+    """The most intervals open at once in the ``+``/``-`` logs of ``churn``, and how many
+    intervals there were. Each interval lies inside a real holding, so the peak never
+    overstates the holders."""
+    events: list[tuple[int, int]] = []
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            sign, _, ns = line.partition(" ")
+            if sign in "+-" and ns.isdigit():
+                # at equal times a release counts before an acquire
+                events.append((int(ns), 1 if sign == "+" else -1))
+    events.sort()
+    peak = open_now = 0
+    for _, delta in events:
+        open_now += delta
+        peak = max(peak, open_now)
+    return peak, sum(1 for _, d in events if d == 1)
+
+
+# the agent side --------------------------------------------------------------------------------
+def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma: no cover
+    import mppools
+
+    cmd, args = words[0], words[1:]
+    if cmd == "acquire":
+        t0 = time.monotonic()
+        try:
+            state["slot"] = limiter().acquire(timeout=float(args[0]))
+        except mppools.LimitExceeded as exc:
+            return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
+        return f"GOT {time.monotonic() - t0:.3f}"
+    if cmd == "release":
+        limiter().release(state.pop("slot"))
+        return "OK"
+    if cmd == "churn":
+        rounds, timeout, hold, log = int(args[0]), float(args[1]), float(args[2]), args[3]
+        got = exceeded = 0
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            for _ in range(rounds):
+                try:
+                    slot = limiter().acquire(timeout=timeout)
+                except mppools.LimitExceeded:
+                    exceeded += 1
+                    continue
+                os.write(fd, f"+ {time.monotonic_ns()}\n".encode())
+                time.sleep(hold)
+                os.write(fd, f"- {time.monotonic_ns()}\n".encode())
+                limiter().release(slot)
+                got += 1
+        finally:
+            os.close(fd)
+        return f"OK {got} {exceeded}"
+    if cmd == "stats":
+        s = limiter().stats()
+        return f"OK {s.limit} {s.in_use} {s.extra.get('local_limit')}"
+    return f"ERROR unknown command {cmd!r}"
+
+
+def _worker(rfd: int, wfd: int) -> None:  # pragma: no cover - a forked worker
+    from mppools import _config
+
+    state: dict[str, Any] = {}
+    with os.fdopen(rfd, "r") as inp:
+        for raw in inp:
+            words = raw.split()
+            try:
+                answer = _do(_config.current, state, words)
+            except Exception as exc:
+                answer = f"ERROR {exc!r}"
+            os.write(wfd, (answer + "\n").encode())
+    os._exit(0)
+
+
+def _serve() -> None:  # pragma: no cover - runs in the host's master
+    import mppools
+    from mppools import _config
+
+    print("READY", flush=True)
+    workers: list[tuple[int, Any]] = []  # (write fd, reader of answers)
+    state: dict[str, Any] = {}
+    for raw in sys.stdin:
+        words = raw.split()
+        if not words:
+            continue
+        try:
+            if words[0] == "configure":
+                mppools.configure(int(words[2]), name=words[1], backend=words[3],
+                                  idle_timeout=None)
+                answer = "OK"
+            elif words[0] == "workers":
+                for _ in range(int(words[1])):
+                    to_r, to_w = os.pipe()
+                    from_r, from_w = os.pipe()
+                    if os.fork() == 0:
+                        try:
+                            os.close(to_w)
+                            os.close(from_r)
+                            _worker(to_r, from_w)
+                        finally:
+                            os._exit(1)
+                    os.close(to_r)
+                    os.close(from_w)
+                    workers.append((to_w, os.fdopen(from_r, "r")))
+                answer = "OK"
+            elif words[0] in ("w", "wsend"):
+                to_w, answers = workers[int(words[1])]
+                os.write(to_w, (" ".join(words[2:]) + "\n").encode())
+                answer = ("OK" if words[0] == "wsend"
+                          else answers.readline().strip() or "ERROR worker gone")
+            elif words[0] == "wget":
+                answer = workers[int(words[1])][1].readline().strip() or "ERROR worker gone"
+            else:
+                answer = _do(_config.current, state, words)
+        except Exception as exc:
+            answer = f"ERROR {exc!r}".replace("\n", " ")
+        print(answer, flush=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover - the host's master
+    _serve()

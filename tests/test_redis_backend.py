@@ -1,0 +1,163 @@
+"""The cross-host backend (``backend="redis://..."``) against real redis-servers.
+
+Its behaviour as a limiter on one host is in test_backends_common.py (the "redis" entry of
+BACKENDS); here: several hosts, each a process tree in its own mount and pid namespaces with
+a private /dev/shm (tests/support/hosts.py), sharing one budget through one Redis; a host
+killed whole; the coordination server gone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from forkutil import run_in_child
+from support.hosts import FLAGS, Host, intervals_peak
+from support.namespaces import unshare_unavailable
+from support.servers import RedisServer
+from support.waiting import wait_until
+
+import mppools
+from mppools._errors import LimitExceeded
+from mppools._limiter import posix
+from mppools._limiter.redis import CoordinationError
+
+pytestmark = pytest.mark.timeout(120)
+
+TTL = 2.0
+
+
+def _spec(server: Any, ttl: float = TTL) -> str:
+    return f"{server.url}?lease_ttl={ttl}&fresh=1"
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    """Started hosts (``hosts.append(Host())``), all SIGKILLed after the test."""
+    reason = unshare_unavailable(*FLAGS)
+    if reason:
+        pytest.skip(reason)
+    started: list[Host] = []
+    yield started
+    for host in started:
+        host.kill()
+
+
+def test_hosts_share_no_posix_objects(hosts: list[Host], redis_server: Any,
+                                      budget_name: str) -> None:
+    a, b = Host(), Host()
+    hosts += [a, b]
+    spec = _spec(redis_server)
+    a.call(f"configure {budget_name} 2 {spec}")
+    b.call(f"configure {budget_name} 2 {spec}")  # would join a's local budget if shared
+    assert not posix.exists(budget_name)  # in this (the root) namespace
+    assert a.call("stats").split()[:2] == ["OK", "2"]
+
+
+def test_the_limit_holds_across_two_hosts(hosts: list[Host], redis_server: Any,
+                                          budget_name: str, tmp_path: Path) -> None:
+    limit, per_host, rounds = 3, 3, 25
+    spec = _spec(redis_server)
+    for _ in range(2):
+        host = Host()
+        hosts.append(host)
+        host.call(f"configure {budget_name} {limit} {spec}")
+        host.call(f"workers {per_host}")
+    logs = []
+    for h, host in enumerate(hosts):
+        for w in range(per_host):
+            log = tmp_path / f"h{h}w{w}.log"
+            logs.append(log)
+            host.call(f"wsend {w} churn {rounds} 60 0.01 {log}")
+    per_host_got = []
+    for host in hosts:
+        got = 0
+        for w in range(per_host):
+            answer = host.call(f"wget {w}", timeout=100).split()
+            assert answer[0] == "OK" and answer[2] == "0", answer  # nobody timed out
+            got += int(answer[1])
+        per_host_got.append(got)
+    peak, intervals = intervals_peak(logs)
+    assert intervals == 2 * per_host * rounds
+    assert 1 <= peak <= limit, f"{peak} holders at once with limit {limit}"
+    assert per_host_got == [per_host * rounds] * 2  # both hosts got their turns
+
+
+def test_a_killed_host_gives_its_leases_back_within_the_ttl(
+        hosts: list[Host], redis_server: Any, budget_name: str) -> None:
+    spec = _spec(redis_server)
+    a, b = Host(), Host()
+    hosts += [a, b]
+    a.call(f"configure {budget_name} 2 {spec}")
+    a.call("workers 2")
+    for w in range(2):
+        assert a.call(f"w {w} acquire 10").startswith("GOT")
+    b.call(f"configure {budget_name} 2 {spec}")
+    b.call("workers 1")
+    assert b.call("w 0 acquire 0.3").startswith("EXCEEDED")  # a holds both leases
+    b.call("wsend 0 acquire 60")
+    killed = time.monotonic()
+    a.kill()
+    answer = b.call("wget 0", timeout=90)
+    reclaimed = time.monotonic() - killed
+    assert answer.startswith("GOT"), answer
+    print(f"\nhost killed whole: its lease reached the other host after {reclaimed:.2f} s "
+          f"(lease ttl {TTL} s)")
+    assert reclaimed < 20 * TTL  # a correctness bound: it came back, through expiry
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server the test may stop."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+def test_an_unreachable_server_fails_closed_and_fences(own_redis: RedisServer,
+                                                       budget_name: str) -> None:
+    limiter = mppools.configure(2, name=budget_name, backend=_spec(own_redis, 1.0),
+                                idle_timeout=None)
+    held = limiter.acquire(timeout=5)
+    server = f"127.0.0.1:{own_redis.port}"
+    own_redis.stop()
+
+    def child() -> tuple[str, str]:
+        try:
+            limiter.release(limiter.acquire(timeout=0.5))
+        except LimitExceeded as exc:
+            return type(exc).__name__, str(exc)
+        return "got", ""
+
+    # the master fences at its deadline: no slot is handed out under unrenewed leases
+    assert wait_until(lambda: limiter.in_debt(), 10, 0.01, what="the host fenced")
+    kind, message = run_in_child(child)
+    assert kind == "CoordinationError" and server in message, message
+    with pytest.raises(CoordinationError) as info:
+        limiter.acquire(timeout=0.3)
+    assert server in str(info.value) and info.value.server
+    assert isinstance(info.value, LimitExceeded)
+    limiter.release(held)  # pays the debt: nothing left open under the lost leases
+    assert not limiter.in_debt() and limiter.stats().in_use == 0
+
+
+def test_configure_fails_closed_when_the_server_is_unreachable(budget_name: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there once closed
+    with pytest.raises(CoordinationError) as info:
+        mppools.configure(2, name=budget_name, backend=f"redis://127.0.0.1:{port}/0")
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert mppools._config.current() is None
+    assert not posix.exists(budget_name)
+
+
+def test_bad_backend_options_are_refused(budget_name: str) -> None:
+    with pytest.raises(mppools.ConfigurationError, match="lease_ttl"):
+        mppools.configure(2, name=budget_name, backend="redis://127.0.0.1:1/0?lease_ttl=x")
+    with pytest.raises(mppools.ConfigurationError, match="fresh"):
+        mppools.configure(2, name=budget_name, backend="redis://127.0.0.1:1/0?fresh=yes")
