@@ -8,6 +8,10 @@ killed whole; the coordination server gone.
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +111,82 @@ def test_a_killed_host_gives_its_leases_back_within_the_ttl(
     print(f"\nhost killed whole: its lease reached the other host after {reclaimed:.2f} s "
           f"(lease ttl {TTL} s)")
     assert reclaimed < 20 * TTL  # a correctness bound: it came back, through expiry
+
+
+class PausableProxy(threading.Thread):
+    """A TCP forwarder to ``upstream`` that can stop forwarding (a network partition: the
+    connections stay open, nothing gets through)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.paused = threading.Event()
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        peers: dict[socket.socket, socket.socket] = {}
+        try:
+            while not self.stopped.is_set():
+                readable = [self.listener] + ([] if self.paused.is_set() else list(peers))
+                ready, _, _ = select.select(readable, [], [], 0.01)
+                for sock in ready:
+                    if sock is self.listener:
+                        client, _ = self.listener.accept()
+                        up = socket.create_connection(self.upstream)
+                        peers[client], peers[up] = up, client
+                        continue
+                    if sock not in peers:
+                        continue
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        with contextlib.suppress(OSError):
+                            peers[sock].sendall(data)
+                        continue
+                    other = peers.pop(sock)
+                    peers.pop(other, None)
+                    sock.close()
+                    other.close()
+        finally:
+            for sock in peers:
+                sock.close()
+            self.listener.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(5)
+
+
+def test_a_partitioned_host_fences_before_its_leases_can_go_elsewhere(
+        hosts: list[Host], redis_server: Any, budget_name: str) -> None:
+    proxy = PausableProxy(("127.0.0.1", redis_server.port))
+    try:
+        a, b = Host(), Host()
+        hosts += [a, b]
+        a.call(f"configure {budget_name} 2 redis://127.0.0.1:{proxy.port}/0"
+               f"?lease_ttl={TTL}&fresh=1")
+        a.call("workers 2")
+        for w in range(2):
+            assert a.call(f"w {w} acquire 10").startswith("GOT")
+        b.call(f"configure {budget_name} 2 {_spec(redis_server)}")
+        b.call("workers 1")
+        b.call("wsend 0 acquire 60")
+        proxy.paused.set()  # host a can no longer renew; b still reaches redis
+        answer = b.call("wget 0", timeout=90).split()
+        assert answer[0] == "GOT", answer
+        granted_by = int(answer[2])
+        fenced_at = int(a.call("stats", timeout=30).split()[4])
+        assert fenced_at != -1, "host a never fenced"
+        # the slot reached b only once a had stopped handing out slots under its leases
+        assert fenced_at < granted_by, (
+            f"host a fenced {(fenced_at - granted_by) / 1e9:.3f} s after b got the slot")
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 -> "OK"
     w I CMD...                  run CMD in worker I (the answer is the worker's)
     wsend I CMD...              start CMD in worker I -> "OK"; ``wget I`` -> its answer
-    acquire T                   limiter.acquire(timeout=T) -> "GOT <s>" (seconds it took) /
+    acquire T                   limiter.acquire(timeout=T) -> "GOT <s> <ns>" (seconds it took,
+                                CLOCK_MONOTONIC when it returned: one clock for all hosts) /
                                 "EXCEEDED <type> <message>"
     release                     release the last slot -> "OK"
     churn ROUNDS T HOLD LOG     ROUNDS times: acquire (timeout T), append "+ <monotonic ns>"
                                 to the file LOG, hold HOLD s, append "- <ns>", release
                                 -> "OK <acquired> <exceeded>"
-    stats                       "OK <limit> <in_use> <local limit>"
+    stats                       "OK <limit> <in_use> <local limit> <ns of the last fence, -1>"
 
 ``ERROR <repr>`` for a failing command. Killing the host SIGKILLs its process group (unshare,
 the master and its workers: they share the group; the pid namespace dies with its init).
@@ -163,7 +164,7 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
             state["slot"] = limiter().acquire(timeout=float(args[0]))
         except mppools.LimitExceeded as exc:
             return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
-        return f"GOT {time.monotonic() - t0:.3f}"
+        return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
     if cmd == "release":
         limiter().release(state.pop("slot"))
         return "OK"
@@ -188,7 +189,9 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         return f"OK {got} {exceeded}"
     if cmd == "stats":
         s = limiter().stats()
-        return f"OK {s.limit} {s.in_use} {s.extra.get('local_limit')}"
+        fenced = s.extra.get("fenced_at")
+        fenced_ns = -1 if fenced is None else round(float(fenced) * 1e9)  # type: ignore[arg-type]
+        return f"OK {s.limit} {s.in_use} {s.extra.get('local_limit')} {fenced_ns}"
     return f"ERROR unknown command {cmd!r}"
 
 

@@ -13,8 +13,12 @@ host's master, the process that configured the budget, talks to Redis about leas
   come first served);
 * gives leases back when local slots sit free while other hosts wait (and when a shrink left
   more leases than the local limit);
-* fences: when a renewal fails up to the fencing deadline, or Redis says leases were lost,
-  it shrinks the local limit with ``force`` to what is still safely held.
+* fences: once no renewal can be confirmed before the fencing deadline any more (the time
+  left is less than one call timeout plus one borrowing wait), or when Redis says leases
+  were lost, it shrinks the local limit with ``force`` to what is still safely held. The
+  fencing deadline (:attr:`LeaseClient.deadline`) lies ``fence_margin`` plus the last round
+  trip before the lease expires in the server's clock, so the shrink happens before any
+  other host can be granted those leases.
 
 The local budget's limit is ``leases + 1``: the master holds one local slot itself for the
 life of the budget (the *plug*), so that a host holding no lease has no free slot (a POSIX
@@ -30,8 +34,12 @@ instead of pooling it; keepers close idle pooled connections at once. So after a
 * an idle pooled connection is closed by its process's keeper within its wake-up (about
   milliseconds, it is told through the local pressure byte and yield requests);
 * a connection *in active use* (checked out, between acquire and release) is closed only when
-  it is released or next used: a worker stuck in a long call keeps its connection open past
-  the deadline. The fence margin (``min(0.5, ttl / 10)``) covers short calls only.
+  it is released: a worker stuck in a long call (or one that holds a connection for longer
+  than the lease TTL) keeps it open past the lease's expiry, and another host may then open
+  one under the same lease. Between the fence and the lease's expiry there are at least
+  ``fence_margin + call timeout + borrowing wait`` (1.6 s with the default 10 s TTL, 0.7 s
+  with a 2 s TTL): a connection released within that time after the fence is closed in
+  time; one held longer is the case fencing does not cover.
 
 Not fenced at all: a host whose master died while its workers live (nobody renews nor
 fences: gunicorn and celery stop their workers when the master dies; the leases expire one
@@ -161,7 +169,9 @@ class RedisLimiter(Limiter):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: how many times, and when last (monotonic), the lease keeper fenced this host
         self.fences = 0
+        self.fenced_at: float | None = None
 
     # opening -------------------------------------------------------------------------------
     @classmethod
@@ -253,24 +263,37 @@ class RedisLimiter(Limiter):
                 with self._lock:
                     if self._closed:
                         return
+                    self._fence_if_due()
                     now = time.monotonic()
                     if now >= next_renew:
                         renewed = self._renew()
                         # a failed renewal is retried soon: the deadline is near
                         next_renew = now + (self._ttl / 3 if renewed
                                             else min(self._ttl / 10, 0.5))
-                    deadline = lease.deadline
-                    if deadline is not None and time.monotonic() >= deadline:
-                        self._fence(0, "its leases could not be renewed by the fencing deadline")
                     if now >= next_check:
                         next_check = now + CHECK_EVERY
+                        self._fence_if_due()
                         self._balance(give_back=True)
+                    self._fence_if_due()
                 if self._local.waiting_flag() and not self._local.in_debt():
                     with self._lock:
                         if not self._closed:
+                            self._fence_if_due()
                             self._borrow_for_waiters()
             except Exception:  # pragma: no cover - the keeper must outlive any one failure
                 logger.exception("mppools: lease keeper of budget %r", self.name)
+
+    def _fence_if_due(self) -> None:
+        """Fence before the deadline, not after it: once the next call to the server could
+        block past the deadline (its timeout, plus a borrowing wait), the leases count as
+        lost here. A renewal that succeeds after all only costs a round of borrowing."""
+        lease = self._lease
+        assert lease is not None
+        deadline = lease.deadline
+        if deadline is not None and (time.monotonic() + lease.op_timeout + BORROW_WAIT + POLL
+                                     >= deadline):
+            self._fence(0, f"its leases could not be renewed on {lease.server} in time for "
+                           f"the fencing deadline (ttl {lease.ttl:.3f} s)")
 
     def _renew(self) -> bool:
         """Renew the host's leases; False if the server failed (retry soon)."""
@@ -295,8 +318,9 @@ class RedisLimiter(Limiter):
         if self._local.limit - 1 > keep:
             logger.warning("mppools: budget %r fenced to %d slot(s) on this host: %s",
                            self.name, keep, why)
-            self.fences += 1
             self._local.resize(keep + 1, force=True)
+            self.fences += 1
+            self.fenced_at = time.monotonic()
 
     def _used(self) -> int:
         """Slots in use on this host (without the plug)."""
@@ -550,7 +574,8 @@ class RedisLimiter(Limiter):
         if self._lease is not None and self._is_master():
             extra.update(host_id=self._lease.host_id, leases_held=self._lease.held,
                          deadline_in=None if self._lease.deadline is None
-                         else self._lease.deadline - time.monotonic(), fences=self.fences)
+                         else self._lease.deadline - time.monotonic(), fences=self.fences,
+                         fenced_at=self.fenced_at)
         return BudgetStats(
             name=self.name, backend=self.backend, host=local.host, limit=limit,
             in_use=in_use, free=max(local_limit - in_use, 0) + unleased,
