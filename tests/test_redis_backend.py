@@ -90,6 +90,37 @@ def test_the_limit_holds_across_two_hosts(hosts: list[Host], redis_server: Any,
     assert per_host_got == [per_host * rounds] * 2  # both hosts got their turns
 
 
+def test_broker_connections_across_two_hosts_never_exceed_the_limit(
+        hosts: list[Host], redis_server: Any, budget_name: str) -> None:
+    # the broker is the same redis-server (db 1) behind a counting proxy in its own process
+    from kombu import Connection, Exchange, Queue
+    from support.proxy_process import ProxyProcess
+
+    limit, per_host, each = 3, 3, 20
+    queue = f"q-{budget_name}"
+    broker = redis_server.url.rsplit("/", 1)[0] + "/1"
+    with ProxyProcess(("127.0.0.1", redis_server.port)) as proxy:
+        url = proxy.url_for(broker)
+        for _ in range(2):
+            host = Host()
+            hosts.append(host)
+            host.call(f"configure {budget_name} {limit} {_spec(redis_server)}")
+            host.call(f"workers {per_host}")
+        for host in hosts:
+            for w in range(per_host):
+                host.call(f"wsend {w} publish {each} {url} {queue}")
+        for host in hosts:
+            for w in range(per_host):
+                assert host.call(f"wget {w}", timeout=100) == f"OK {each}"
+        stats = proxy.ask("stats")
+    assert stats["total_accepted"] > limit  # the connections did churn
+    assert stats["peak"] <= limit, proxy.history
+    with Connection(broker) as c:
+        q = Queue(queue, Exchange(queue), routing_key=queue)(c.default_channel)
+        q.declare()
+        assert int(q.queue_declare(passive=True).message_count) == 2 * per_host * each
+
+
 def test_a_killed_host_gives_its_leases_back_within_the_ttl(
         hosts: list[Host], redis_server: Any, budget_name: str) -> None:
     spec = _spec(redis_server)

@@ -18,6 +18,8 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
     churn ROUNDS T HOLD LOG     ROUNDS times: acquire (timeout T), append "+ <monotonic ns>"
                                 to the file LOG, hold HOLD s, append "- <ns>", release
                                 -> "OK <acquired> <exceeded>"
+    publish N URL QUEUE         N messages through mppools.producers to the broker URL (the
+                                pools are reset every 5: connections churn) -> "OK N"
     stats                       "OK <limit> <in_use> <local limit> <ns of the last fence, -1>"
 
 ``ERROR <repr>`` for a failing command. Killing the host SIGKILLs its process group (unshare,
@@ -187,6 +189,18 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         finally:
             os.close(fd)
         return f"OK {got} {exceeded}"
+    if cmd == "publish":
+        from kombu import Connection, Exchange, Queue
+
+        n, url, queue = int(args[0]), args[1], args[2]
+        for i in range(n):
+            with mppools.producers[Connection(url)].acquire(block=True, timeout=60) as p:
+                p.publish({"i": i, "pid": os.getpid()}, routing_key=queue,
+                          exchange=Exchange(queue), retry=False,
+                          declare=[Queue(queue, Exchange(queue), routing_key=queue)])
+            if i % 5 == 4:
+                mppools.reset()  # churn: close and reopen connections
+        return f"OK {n}"
     if cmd == "stats":
         s = limiter().stats()
         fenced = s.extra.get("fenced_at")
