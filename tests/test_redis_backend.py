@@ -9,7 +9,9 @@ killed whole; the coordination server gone.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -25,9 +27,9 @@ from support.servers import RedisServer
 from support.waiting import wait_until
 
 import mppools
+from mppools import CoordinationError
 from mppools._errors import LimitExceeded
 from mppools._limiter import posix
-from mppools._limiter.redis import CoordinationError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,6 +227,34 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server the test may stop."""
     with RedisServer(tmp_path / "redis") as server:
         yield server
+
+
+def test_the_limit_holds_while_the_server_is_stopped_for_longer_than_the_ttl(
+        hosts: list[Host], own_redis: RedisServer, budget_name: str, tmp_path: Path) -> None:
+    limit, per_host, rounds = 2, 2, 40
+    spec = _spec(own_redis)
+    logs = []
+    for h in range(2):
+        host = Host()
+        hosts.append(host)
+        host.call(f"configure {budget_name} {limit} {spec}")
+        host.call(f"workers {per_host}")
+        for w in range(per_host):
+            logs.append(tmp_path / f"h{h}w{w}.log")
+            host.call(f"wsend {w} churn {rounds} 60 0.01 {logs[-1]}")
+    assert wait_until(lambda: intervals_peak(logs)[1] >= 10, 30, 0.01, what="churn started")
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5 * TTL)  # every lease expires meanwhile (in the server's clock)
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    for host in hosts:
+        for w in range(per_host):
+            answer = host.call(f"wget {w}", timeout=100).split()
+            assert answer[:3] == ["OK", str(rounds), "0"], answer
+    peak, intervals = intervals_peak(logs)
+    assert intervals == 2 * per_host * rounds
+    assert peak <= limit, f"{peak} holders at once with limit {limit}"
 
 
 def test_an_unreachable_server_fails_closed_and_fences(own_redis: RedisServer,

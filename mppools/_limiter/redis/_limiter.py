@@ -68,6 +68,8 @@ from typing import Any
 from mppools._errors import (
     BudgetInUseError,
     ConfigurationError,
+    CoordinationError,
+    LeaseLostError,
     LimitExceeded,
     MppoolsError,
 )
@@ -84,7 +86,6 @@ from mppools._limiter.posix import validate_name as posix_validate_name
 from mppools._validate import MAX_CAPACITY, check_limit
 
 from . import _names
-from ._errors import CoordinationError, LeaseLostError
 from ._lease import LeaseClient
 
 __all__ = ["POLL", "SCHEMES", "RedisLimiter", "default_name", "parse_spec", "validate_name"]
