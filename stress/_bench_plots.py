@@ -7,7 +7,10 @@ nothing is cut off:
 - ``e2e_contention.png``: figure 8, msg/s of 8 workers on L slots beside kombu.pools with L
   workers and connect-per-publish, and the p99 acquire wait;
 - ``e2e_sweep.png``: figure 8's hold-quantum sweep, throughput ratio and acquire waits
-  against Q;
+  against the cap Q (``hold_quantum``; each connection's quantum is fitted to the
+  hand-over cost under that cap);
+- ``gunicorn.png``: figure 9, request latency p50 and p99 of gunicorn's 8 sync workers
+  through mppools (L=3), kombu.pools (one pool per worker) and connect-per-publish;
 - ``ratios.png``: every ratio that has a target, split into lower-is-better and
   higher-is-better panels, the target marked on each bar;
 - ``contention.png``: figure 3, aggregate ops/s against the number of processes;
@@ -27,6 +30,7 @@ from typing import Any
 __all__ = ["plot"]
 
 _E2EC = re.compile(r"^e2ec_(?P<broker>[a-z]+)_L(?P<limit>\d+)_d(?P<delay>\d+)_throughput$")
+_GUNICORN = re.compile(r"^gunicorn_r(?P<rate>[\d.]+)_d(?P<delay>\d+)_p50$")
 _SWEEP = re.compile(r"^e2ec_sweep_(?P<broker>[a-z]+)_L(?P<limit>\d+)_d(?P<delay>\d+)"
                     r"_q(?P<q>[\d.]+)ms$")
 _WAITS = re.compile(r"p99 (?P<p99>[\d.e+-]+) ms, p99\.9 (?P<p999>[\d.e+-]+) ms, max "
@@ -54,6 +58,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     written = [path for path in (
         _e2e_contention(plt, figures, mode, out / "e2e_contention.png"),
         _sweep(plt, figures, mode, out / "e2e_sweep.png"),
+        _gunicorn(plt, figures, mode, out / "gunicorn.png"),
         _ratios(plt, figures, mode, out / "ratios.png"),
         _contention(plt, result.get("contention") or [], mode, out / "contention.png"),
         _latency(plt, figures, mode, out / "latency.png"),
@@ -194,7 +199,9 @@ def _sweep(plt: Any, figures: dict[str, dict[str, Any]], mode: str,
         ax.set_xticks(xs, [f"{q:g}" + (" (default)" if default_q is not None
                                        and abs(q - default_q) < 1e-6 else "") for q in qs],
                       fontsize=8)
-        ax.set_xlabel("hold quantum Q, ms")
+        ax.set_xlabel(_wrap("hold_quantum cap Q, ms (each connection's quantum: 12\u00d7 the "
+                            "budget's average hand-over cost, at least 10 ms, at most Q)",
+                            70), fontsize=8)
         waits = [_WAITS.search(str(r.get("note", ""))) for _, r in points]
         twin = ax.twinx()
         for field, style, label in (("p99", "s--", "p99 acquire wait (right)"),
@@ -208,11 +215,58 @@ def _sweep(plt: Any, figures: dict[str, dict[str, Any]], mode: str,
         lines = ax.get_legend_handles_labels()
         more = twin.get_legend_handles_labels()
         ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.14), ncol=2)
-        ax.set_title(_wrap(f"8. hold-quantum sweep ({broker}, L={limit}, +{delay} ms per "
-                           f"connect, 8 workers): a longer Q carries more messages per "
+                  bbox_to_anchor=(0.5, -0.24), ncol=2)
+        ax.set_title(_wrap(f"8. hold-quantum cap sweep ({broker}, L={limit}, +{delay} ms per "
+                           f"connect, 8 workers): a higher cap carries more messages per "
                            f"connection and makes waiters wait longer ({mode} run)", 64),
                      fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+# 9. gunicorn-shaped load ----------------------------------------------------------------------
+def _gunicorn(plt: Any, figures: dict[str, dict[str, Any]], mode: str,
+              path: Path) -> Path | None:
+    cases = sorted((int(m["delay"]), float(m["rate"]), key[: -len("_p50")])
+                    for key in figures if (m := _GUNICORN.match(key)))
+    if not cases:
+        return None
+    from matplotlib import ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
+    labels = [f"{rate:g} req/s\n+{d} ms/connect" for d, rate, _ in cases]
+    xs = list(range(len(cases)))
+    w = 0.27
+    for ax, q in zip(axes[0], ("p50", "p99"), strict=True):
+        vs_kb = [figures.get(f"{k}_{q}", {}) for _, _, k in cases]
+        vs_cp = [figures.get(f"{k}_{q}_vs_connect", {}) for _, _, k in cases]
+        series = ((-w, [_num(r.get("mppools")) for r in vs_kb], _MPPOOLS,
+                   "mppools: 8 workers, L=3 slots"),
+                  (0.0, [_num(r.get("baseline")) for r in vs_kb], _KOMBU,
+                   "kombu.pools: one pool per worker (up to 8 connections)"),
+                  (w, [_num(r.get("baseline")) for r in vs_cp], _CONNECT,
+                   "new Connection per request"))
+        for dx, ys, color, label in series:
+            ax.bar([x + dx for x in xs], [v or 0.0 for v in ys], w, color=color, label=label)
+            for x, v in zip(xs, ys, strict=True):
+                if v:
+                    ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (x + dx, v),
+                                ha="center", va="bottom",
+                                fontsize=6, xytext=(0, 2), textcoords="offset points")
+        if any(v for _, ys, _, _ in series for v in ys):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi * 1.8)  # room for the value labels
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.set_ylabel(f"request latency {q}, ms (log; lower is better)")
+        ax.set_title(_wrap(f"9. gunicorn, 8 sync workers, one publish per request: {q} "
+                           f"latency from the scheduled send (lower is better; {mode} run)",
+                           60), fontsize=9)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3,
+               bbox_to_anchor=(0.5, -0.06))
     fig.tight_layout()
     return _save(fig, path, plt)
 

@@ -98,7 +98,7 @@ class Plan:
 QUICK = Plan(True, 300, 9, 0.003, 7, (2, 8), (2,), (0, 20), 0.25, 1, 5, 5, 2, 0.4, 1, 8, 1)
 FULL = Plan(False, 2000, 41, 0.015, 31, (2, 4, 8, 16, 64), (1, 2, 4), (0, 20), 0.6, 3,
             31, 31, 2, 1.5, 9, 8, 5,
-            e2ec_window=3.0, e2ec_reps=3, e2ec_quanta=(0.0, 0.02, 0.05, 0.1, 0.2),
+            e2ec_window=3.0, e2ec_reps=3, e2ec_quanta=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5),
             e2ec_rabbit=True, g_window=3.0, g_grace=2.0, g_reps=3)
 
 
