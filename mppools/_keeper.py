@@ -14,9 +14,10 @@ closes the connection outside the mutex, which gives the slot back. The keeper a
 connections idle for longer than the budget's ``idle_timeout``.
 
 A connection in active use keeps its slot for its hold quantum: a request that arrives
-between two uses is looked at again once the connection has been idle for ``IDLE_GRACE`` or
-its quantum has run. In a forked child the keeper thread does not exist; the child's keeper
-starts afresh, on its own address, the first time the child takes a slot.
+between two uses is looked at again once the connection has been idle for a grace (the
+budget's hand-over cost, 2 to 50 ms: :func:`idle_grace`) or its quantum has run. In a forked
+child the keeper thread does not exist; the child's keeper starts afresh, on its own
+address, the first time the child takes a slot.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ logger = logging.getLogger("mppools")
 #: how long a pooled connection must have sat unused before a yield request closes it
 #: while its hold quantum runs (a busy loop's gaps between uses are microseconds)
 IDLE_GRACE = 0.002
+#: ... but a connection used more often than a hand-over costs is worth keeping: the grace
+#: grows to the budget's hand-over cost (what a waiter would pay to reconnect), up to this
+MAX_IDLE_GRACE = 0.05
+
+
+def idle_grace() -> float:
+    """How long a recently used connection must sit unused before it is handed on inside its
+    hold quantum: the budget's hand-over cost, between IDLE_GRACE and MAX_IDLE_GRACE. A
+    request-shaped load whose gaps are shorter than a hand-over keeps its connections."""
+    from mppools import _config
+
+    limiter = _config.current()
+    cost = limiter.handover_cost() if limiter is not None else 0.0
+    return min(max(IDLE_GRACE, cost), max(MAX_IDLE_GRACE, IDLE_GRACE))
 _CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size)
 
@@ -103,11 +118,12 @@ class Keeper:
 
     def look_again(self, token: int) -> None:
         """The connection holding ``token`` went idle while someone waits, inside its hold
-        quantum: hand it on if it is still idle IDLE_GRACE from now (no waiter has to ask).
+        quantum: hand it on if it is still idle a grace (:func:`idle_grace`) from now (no
+        waiter has to ask).
         Called by the pools from any thread; one wake-up of the keeper per look."""
         if token in self._deferred or self._sock is None:
             return
-        self._deferred[token] = time.monotonic() + IDLE_GRACE
+        self._deferred[token] = time.monotonic() + idle_grace()
         sock = self._sock
         try:
             if self._poker is None:
@@ -225,7 +241,7 @@ class Keeper:
         # a connection between two uses of a busy loop is not idle: it keeps its slot for
         # its hold quantum; one idle for IDLE_GRACE (or past its quantum) is handed on now
         ready_at = min(conn._mppools_hand_on_at,
-                       (since if since is not None else now) + IDLE_GRACE)
+                       (since if since is not None else now) + idle_grace())
         if now < ready_at:
             self._deferred[token] = ready_at
             return

@@ -22,6 +22,7 @@ def test_a_busy_connection_keeps_its_slot_for_its_quantum(
 
     # only the quantum rule is under test: the idle rule must not see the gaps between uses
     monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)
+    monkeypatch.setattr(_keeper, "MAX_IDLE_GRACE", 3600.0)
     # and the whole cap: a cheap memory:// set-up would fit a quantum of milliseconds
     monkeypatch.setattr(mppools.pools, "QUANTUM_FLOOR", 3600.0)
     limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=quantum,
@@ -172,3 +173,16 @@ def test_a_connection_that_goes_idle_while_someone_waits_is_handed_on_unasked(
     conn.release()  # idle in its pool now, its quantum (an hour) far from over
     waiter.join(30)
     assert outcome == ["got"]
+
+
+def test_the_idle_grace_follows_the_hand_over_cost(budget_name: str) -> None:
+    """A connection reused more often than a hand-over costs is not worth handing on."""
+    from mppools import _keeper
+
+    limiter = mppools.configure(limit=1, name=budget_name)
+    assert _keeper.idle_grace() == _keeper.IDLE_GRACE  # cost unknown yet
+    limiter.note_handover_cost(0.02)
+    assert _keeper.idle_grace() == pytest.approx(0.02)
+    for _ in range(200):
+        limiter.note_handover_cost(5.0)
+    assert _keeper.idle_grace() == _keeper.MAX_IDLE_GRACE
