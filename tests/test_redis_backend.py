@@ -302,3 +302,30 @@ def test_bad_backend_options_are_refused(budget_name: str) -> None:
         mppools.configure(2, name=budget_name, backend="redis://127.0.0.1:1/0?lease_ttl=x")
     with pytest.raises(mppools.ConfigurationError, match="fresh"):
         mppools.configure(2, name=budget_name, backend="redis://127.0.0.1:1/0?fresh=yes")
+
+
+def test_a_server_that_lost_its_data_keeps_what_the_live_host_holds(
+        own_redis: RedisServer, budget_name: str) -> None:
+    limiter = mppools.configure(2, name=budget_name, backend=_spec(own_redis, 1.0),
+                                idle_timeout=None)
+    held = limiter.acquire(timeout=5)
+    before = limiter.stats().extra["generation"]
+    own_redis.command("FLUSHALL")  # a restart without persistence, as far as leases go
+    assert wait_until(lambda: limiter.stats().extra.get("generation") not in ("", before),
+                      10, 0.01, what="the host re-registered in a new generation")
+    stats = limiter.stats()
+    assert stats.extra["leases_in_use"] >= 1  # the open connection's lease was declared
+    assert not limiter.in_debt() and stats.in_use == 1
+    limiter.release(held)
+
+
+def test_the_integrations_take_the_backend_from_the_environment(
+        redis_server: Any, budget_name: str) -> None:
+    from mppools.integrations import settings_from_env
+
+    limit, name, kwargs = settings_from_env(environ={
+        "MPPOOLS_LIMIT": "2", "MPPOOLS_NAME": budget_name,
+        "MPPOOLS_BACKEND": _spec(redis_server)})
+    assert limit == 2 and name == budget_name
+    limiter = mppools.configure(limit, name=name, **kwargs)
+    assert limiter.backend == "redis" and mppools.stats().extra["coordination"] == "ok"
