@@ -123,6 +123,25 @@ def test_broker_connections_across_two_hosts_never_exceed_the_limit(
         assert int(q.queue_declare(passive=True).message_count) == 2 * per_host * each
 
 
+def test_idle_connections_of_one_host_are_yielded_to_another_that_waits(
+        hosts: list[Host], redis_server: Any, budget_name: str) -> None:
+    broker = redis_server.url.rsplit("/", 1)[0] + "/1"
+    queue = f"q-{budget_name}"
+    a, b = Host(), Host()
+    hosts += [a, b]
+    a.call(f"configure {budget_name} 2 {_spec(redis_server)}")
+    a.call("workers 2")
+    for w in range(2):  # one publish each: each worker keeps its connection idle, pooled
+        assert a.call(f"w {w} publish 1 {broker} {queue}") == "OK 1"
+    assert a.call("stats").split()[2] == "2"
+    b.call(f"configure {budget_name} 2 {_spec(redis_server)}")
+    b.call("workers 1")
+    answer = b.call("w 0 acquire 30", timeout=60).split()
+    assert answer[0] == "GOT", answer
+    print(f"\nan idle connection on host a was yielded to host b in {float(answer[1]):.3f} s")
+    assert a.call("stats").split()[2] == "1"  # a closed one of its idle connections
+
+
 def test_a_killed_host_gives_its_leases_back_within_the_ttl(
         hosts: list[Host], redis_server: Any, budget_name: str) -> None:
     spec = _spec(redis_server)

@@ -466,7 +466,10 @@ class RedisLimiter(Limiter):
         return self._local.under_pressure()
 
     def waiting_flag(self) -> bool:
-        return self._local.waiting_flag()
+        """True if a process of this host waits, or the host is in debt (other hosts wait
+        for the leases it must give back, or it was fenced): keepers honour yield
+        requests then, so idle connections go at once."""
+        return self._local.waiting_flag() or self._local.in_debt()
 
     def in_debt(self) -> bool:
         return self._local.in_debt()
