@@ -663,7 +663,7 @@ class _Demo:
         q = self.state.hold_quantum
         return [
             f"slow acquire: waited > {SLOW * 1000:.0f} ms for a slot (a turn in the queue; "
-            f"a holder keeps its slot {q:g} s)",
+            f"a holder keeps its slot at most {q:g} s while others wait)",
             "debt: slots in use above the limit after a forced shrink, paid back by releases",
         ]
 
