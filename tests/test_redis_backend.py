@@ -348,3 +348,16 @@ def test_the_integrations_take_the_backend_from_the_environment(
     assert limit == 2 and name == budget_name
     limiter = mppools.configure(limit, name=name, **kwargs)
     assert limiter.backend == "redis" and mppools.stats().extra["coordination"] == "ok"
+
+
+def test_a_new_budget_grants_only_after_its_grace_period(own_redis: RedisServer,
+                                                         budget_name: str) -> None:
+    # without fresh=1 a created budget cannot tell a new server from one that lost its
+    # data: it grants nothing for one TTL, then the lease keeper borrows for the waiter
+    limiter = mppools.configure(1, name=budget_name,
+                                backend=f"{own_redis.url}?lease_ttl=1", idle_timeout=None)
+    assert limiter.stats().extra["grace_left"] > 0
+    with pytest.raises(LimitExceeded):
+        limiter.acquire(block=False)
+    limiter.release(limiter.acquire(timeout=20))  # a bound far above the 1 s grace
+    assert limiter.stats().extra["grace_left"] == 0
