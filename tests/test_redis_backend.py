@@ -142,6 +142,38 @@ def test_idle_connections_of_one_host_are_yielded_to_another_that_waits(
     assert a.call("stats").split()[2] == "1"  # a closed one of its idle connections
 
 
+def test_resize_applies_on_every_host(hosts: list[Host], redis_server: Any,
+                                      budget_name: str, tmp_path: Path) -> None:
+    a, b = Host(), Host()
+    hosts += [a, b]
+    for host in (a, b):
+        host.call(f"configure {budget_name} 2 {_spec(redis_server)}")
+        host.call("workers 2")
+    for w in range(2):
+        assert a.call(f"w {w} acquire 10").startswith("GOT")
+    assert b.call("stats").split()[3] == "0"  # b holds no lease
+    b.call("resize 3")  # grows for everybody: b's master borrows the new lease at once
+    assert b.call("w 0 acquire 0").startswith("GOT")
+    b.call("resize 2 force")  # three held: the hosts pay the debt back between them
+    # every host's master notices within its next look at the server (0.1 s)
+    assert wait_until(lambda: sum(int(h.call("stats").split()[3]) for h in (a, b)) <= 2,
+                      10, 0.01, what="the hosts' local limits add up to the new limit")
+    # each host churns with the slots it holds, so nobody waits: only the debt shrinks them
+    logs = [tmp_path / f"{n}.log" for n in ("a0", "a1", "b0")]
+    a.call("w 0 release")
+    a.call(f"wsend 0 churn 30 60 0.01 {logs[0]}")
+    a.call("w 1 release")
+    a.call(f"wsend 1 churn 30 60 0.01 {logs[1]}")
+    b.call("w 0 release")
+    b.call(f"wsend 0 churn 30 60 0.01 {logs[2]}")
+    for host, workers in ((a, 2), (b, 1)):
+        for w in range(workers):
+            assert host.call(f"wget {w}", timeout=100).split()[:3] == ["OK", "30", "0"]
+    peak, intervals = intervals_peak(logs)
+    assert intervals == 90 and peak <= 2, f"{peak} holders at once after shrinking to 2"
+    assert a.call("stats").split()[1] == "2"
+
+
 def test_a_killed_host_gives_its_leases_back_within_the_ttl(
         hosts: list[Host], redis_server: Any, budget_name: str) -> None:
     spec = _spec(redis_server)

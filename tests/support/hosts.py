@@ -20,6 +20,7 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 -> "OK <acquired> <exceeded>"
     publish N URL QUEUE         N messages through mppools.producers to the broker URL (the
                                 pools are reset every 5: connections churn) -> "OK N"
+    resize N [force]            limiter.resize(N, force=...) -> "OK"
     stats                       "OK <limit> <in_use> <local limit> <ns of the last fence, -1>"
 
 ``ERROR <repr>`` for a failing command. Killing the host SIGKILLs its process group (unshare,
@@ -201,6 +202,9 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
             if i % 5 == 4:
                 mppools.reset()  # churn: close and reopen connections
         return f"OK {n}"
+    if cmd == "resize":
+        limiter().resize(int(args[0]), force=args[1:] == ["force"])
+        return "OK"
     if cmd == "stats":
         s = limiter().stats()
         fenced = s.extra.get("fenced_at")

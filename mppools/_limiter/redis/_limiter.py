@@ -358,9 +358,10 @@ class RedisLimiter(Limiter):
 
     def _balance(self, *, give_back: bool) -> None:
         """Give back leases the local limit no longer covers. With ``give_back``, when other
-        hosts wait: free local slots nobody uses go back at once, and a host above its fair
-        share (the limit over the hosts holding or waiting) hands one busy slot on per call
-        (a forced shrink by one: the next release, or an idle connection's keeper, pays it)."""
+        hosts wait or the hosts hold more than the limit (after a forced shrink): free local
+        slots nobody uses go back at once, and a host above its fair share (the limit over
+        the hosts holding or waiting) hands one busy slot on per call (a forced shrink by
+        one: the next release, or an idle connection's keeper, pays it)."""
         lease = self._lease
         assert lease is not None
         if give_back and lease.held:
@@ -369,7 +370,8 @@ class RedisLimiter(Limiter):
             except CoordinationError as exc:
                 self._health = exc
             else:
-                if any(w.host != lease.host_id for w in seen.waiting):
+                over = seen.in_use > seen.limit  # a forced shrink: every host pays its part
+                if over or any(w.host != lease.host_id for w in seen.waiting):
                     self._shrink_free()
                     hosts = {h.host for h in seen.hosts} | {w.host for w in seen.waiting}
                     share = max(1, -(-seen.limit // max(1, len(hosts))))
@@ -504,8 +506,11 @@ class RedisLimiter(Limiter):
         return self._local.audit()
 
     def resize(self, limit: int, *, force: bool = False) -> None:
-        """Change the limit across hosts. The other hosts' masters apply it at their next
-        renewal (within ``ttl / 3``).
+        """Change the limit across hosts. Growing: hosts borrow the new leases as their
+        processes wait (this host at once). Shrinking with ``force`` below what the hosts
+        hold: every master notices at its next look at the server (within
+        :data:`CHECK_EVERY` plus a round trip) and shrinks its local limit to its share; until
+        then a host may still hand out the slots it held.
 
         Raises:
             BudgetInUseError: shrinking below the slots in use on all hosts without ``force``.
