@@ -530,7 +530,8 @@ class LeaseClient:
         waited = time.monotonic() - start
         if failure is None or got:
             # leave the queue and give back what this call got (best effort: the ticket
-            # lapses on its own and unrenewed leases expire)
+            # lapses on its own and unrenewed leases expire). Not after a failed call with
+            # nothing got: reaching a failed server again would make failing closed slow
             with self._lock:
                 self._held -= got  # no connection may use them, given back or not
                 with contextlib.suppress(CoordinationError):
