@@ -20,10 +20,7 @@ locks of this process's own open file description: a lost record of our own is s
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
-import struct
 import time
 
 from mppools import _fork
@@ -50,52 +47,11 @@ from . import _tokens
 from ._names import waiter_path
 from ._self import Me
 
-__all__ = ["Books", "held_by_anyone"]
+__all__ = ["Books"]
 
-# struct flock on Linux x86-64/aarch64: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
-_FLOCK = struct.Struct("@hhqqi4x")
 _NONZERO = re.compile(b"[^\x00]")
 _FREE_RUN = re.compile(b"\x00+")
 _UNKNOWN = re.compile(b"[^\x00-\x02]")
-
-
-def _lock_in(fd: int, at: int, length: int) -> tuple[int, int] | None:
-    """Some lock, of any open file description (this process's own included), on the bytes
-    ``[at, at + length)`` of ``fd``'s file: ``(start, length)``, or None."""
-    kind, _, start, size, _ = _FLOCK.unpack(
-        fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, at, length, 0)))
-    if kind == fcntl.F_UNLCK:
-        return None
-    return start, size
-
-
-def held_by_anyone(fd: int, at: int) -> bool:
-    """True if any open file description, this process's own included, locks the byte ``at``.
-
-    A classic (process-owned) ``F_GETLK`` conflicts with every OFD lock, ours too, and takes
-    nothing (this process holds no classic lock on the token file)."""
-    return _lock_in(fd, at, 1) is not None
-
-
-def _held_in(fd: int, at: int, length: int) -> list[int]:
-    """Offsets of every locked byte in ``[at, at + length)`` (any description). ``F_GETLK``
-    reports one lock, not necessarily the first: split around it. 2 x locks + 1 calls."""
-    found: list[int] = []
-    todo = [(at, length)]
-    while todo:
-        lo, n = todo.pop()
-        if n <= 0:
-            continue
-        lock = _lock_in(fd, lo, n)
-        if lock is None:
-            continue
-        start = max(lock[0], lo)
-        end = lo + n if lock[1] == 0 else min(lock[0] + lock[1], lo + n)
-        end = max(end, start + 1)
-        found.extend(range(start, end))
-        todo.append((lo, start - lo))
-        todo.append((end, lo + n - end))
-    return found
 
 
 def _differ(a: bytes, b: bytes) -> list[int]:
@@ -123,7 +79,7 @@ class Books:
         of every open file description, this process's own included: if our own token sits
         under a record that is not (or no longer) ours, the entry is in use all the same.
         """
-        return owner == me.owner or held_by_anyone(self.fd, token_at)
+        return owner == me.owner or _tokens.held_by_anyone(self.fd, token_at)
 
     def slot_alive(self, rec: SlotRecord, me: Me) -> bool:
         return self.alive(rec.owner, rec.token_at, me)
@@ -198,13 +154,13 @@ class Books:
         either = used if used == recorded else bytes(
             a | b for a, b in zip(used, recorded, strict=True))
         for run in _FREE_RUN.finditer(either):  # free in both copies: do the tokens agree?
-            doubt.update(i - SLOT_TOKENS_AT for i in _held_in(
+            doubt.update(i - SLOT_TOKENS_AT for i in _tokens.held_in(
                 fd, SLOT_TOKENS_AT + run.start(), run.end() - run.start()))
         now = time.time()
         for i in sorted(doubt):
             rec = table.read_slot(i)
-            live = held_by_anyone(fd, SLOT_TOKENS_AT + i) or bool(
-                recorded[i] and rec.proof and held_by_anyone(fd, rec.token_at))
+            live = _tokens.held_by_anyone(fd, SLOT_TOKENS_AT + i) or bool(
+                recorded[i] and rec.proof and _tokens.held_by_anyone(fd, rec.token_at))
             if not live:
                 table.clear_slot(i)
             else:
@@ -224,7 +180,7 @@ class Books:
         wdoubt = set(_differ(wused, wrecorded)) if wused != wrecorded else set()
         wdoubt.update(m.start() for m in _UNKNOWN.finditer(wstates))
         for j in sorted(wdoubt):
-            if not held_by_anyone(fd, WAITER_TOKENS_AT + j):
+            if not _tokens.held_by_anyone(fd, WAITER_TOKENS_AT + j):
                 table.clear_waiter(j)
             elif wrecords[j] in (1, 2):
                 table.set_waiter_state(j, WaiterState(wrecords[j]))
@@ -284,7 +240,7 @@ class Books:
                     table.clear_waiter(w.index)
                     continue
                 index = table.free_slot_index()
-                if held_by_anyone(self.fd, SLOT_TOKENS_AT + index):
+                if _tokens.held_by_anyone(self.fd, SLOT_TOKENS_AT + index):
                     # the table lost a live holder: rebuild it from the tokens, count again
                     self.repair(me)
                     free = table.limit - table.in_use()
@@ -327,7 +283,8 @@ class Books:
                     break
                 free = states.find(0)
                 at = SLOT_TOKENS_AT + free
-                if free >= 0 and not held_by_anyone(self.fd, at) and _tokens.take(self.fd, at):
+                if (free >= 0 and not _tokens.held_by_anyone(self.fd, at)
+                        and _tokens.take(self.fd, at)):
                     index = free
                     break
                 # a free entry whose token is held (ours included): the table lost a live

@@ -22,7 +22,7 @@ import fcntl
 import os
 import struct
 
-__all__ = ["is_held", "release", "reopen", "take"]
+__all__ = ["held_by_anyone", "held_in", "is_held", "release", "reopen", "take"]
 
 # struct flock on Linux x86-64/aarch64: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
 _FLOCK = struct.Struct("@hhqqi4x")
@@ -75,3 +75,42 @@ def reopen(fd: int, fallback_path: str) -> bool:
         finally:
             os.close(new)
     return False
+
+
+def _lock_in(fd: int, at: int, length: int) -> tuple[int, int] | None:
+    """Some lock, of any open file description (this process's own included), on the bytes
+    ``[at, at + length)`` of ``fd``'s file: ``(start, length)``, or None."""
+    kind, _, start, size, _ = _FLOCK.unpack(
+        fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, at, length, 0)))
+    if kind == fcntl.F_UNLCK:
+        return None
+    return start, size
+
+
+def held_by_anyone(fd: int, at: int) -> bool:
+    """True if any open file description, this process's own included, locks the byte ``at``.
+
+    A classic (process-owned) ``F_GETLK`` conflicts with every OFD lock, ours too, and takes
+    nothing (this process holds no classic lock on the token file)."""
+    return _lock_in(fd, at, 1) is not None
+
+
+def held_in(fd: int, at: int, length: int) -> list[int]:
+    """Offsets of every locked byte in ``[at, at + length)`` (any description). ``F_GETLK``
+    reports one lock, not necessarily the first: split around it. 2 x locks + 1 calls."""
+    found: list[int] = []
+    todo = [(at, length)]
+    while todo:
+        lo, n = todo.pop()
+        if n <= 0:
+            continue
+        lock = _lock_in(fd, lo, n)
+        if lock is None:
+            continue
+        start = max(lock[0], lo)
+        end = lo + n if lock[1] == 0 else min(lock[0] + lock[1], lo + n)
+        end = max(end, start + 1)
+        found.extend(range(start, end))
+        todo.append((lo, start - lo))
+        todo.append((end, lo + n - end))
+    return found
