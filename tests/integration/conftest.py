@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import itertools
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,8 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def shm_objects(name: str) -> list[str]:
-    return [p for p in (f"/dev/shm/mppools.{name}", f"/dev/shm/sem.mppools.{name}.free")
-            if os.path.exists(p)]
+    """What budget ``name`` has in /dev/shm: segment, semaphore, rendezvous directory."""
+    return [p for p in (f"/dev/shm/mppools.{name}", f"/dev/shm/sem.mppools.{name}.free",
+                        f"/dev/shm/mppools.{name}.d") if os.path.exists(p)]
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,10 @@ def budget_name() -> Iterator[str]:
         mppools.close(unlink=False)
     leftovers = shm_objects(name)
     for path in leftovers:
-        os.unlink(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
     assert not leftovers, f"the integration left shared objects behind: {leftovers}"
 
 
