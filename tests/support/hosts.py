@@ -29,21 +29,20 @@ the master and its workers: they share the group; the pid namespace dies with it
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+try:
+    from support.lineproc import LineProcess
+except ImportError:  # run as the child's script: this directory is sys.path[0]
+    from lineproc import LineProcess  # type: ignore[no-redef]
+
 __all__ = ["Host", "HostError", "intervals_peak"]
 
 _HERE = Path(__file__).resolve()
-_REPO = _HERE.parents[2]
 FLAGS = ("--mount", "--pid", "--fork", "--mount-proc")
 
 
@@ -51,88 +50,24 @@ class HostError(Exception):
     """The host answered ERROR, died, or did not answer in time."""
 
 
-class Host:
+class Host(LineProcess):
     """One simulated host (its master process inside its own namespaces)."""
 
+    error = HostError
+    what = "host"
+
     def __init__(self, start_timeout: float = 30.0) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        self._stderr = tempfile.TemporaryFile()
         script = f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} {_HERE}"
-        self.proc = subprocess.Popen(
-            ["unshare", *FLAGS, "sh", "-c", script],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            env=env, cwd=str(_REPO), start_new_session=True)
-        self._buf = b""
-        try:
-            ready = self.reply(start_timeout)
-            if not ready.startswith("READY"):
-                raise HostError(f"host started with {ready!r}{self._tail()}")
-        except BaseException:
-            self.kill()
-            raise
+        super().__init__(["unshare", *FLAGS, "sh", "-c", script], start_timeout=start_timeout)
+
+    def __repr__(self) -> str:
+        return f"<Host pid={self.proc.pid}>"
 
     def __enter__(self) -> Host:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(command.encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise HostError(f"host {self.proc.pid} is gone ({exc!r}){self._tail()}") from exc
-
-    def reply(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise HostError(f"host {self.proc.pid} gave no answer within {timeout:.1f} s"
-                                f"{self._tail()}")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise HostError(f"host {self.proc.pid} exited ({self.proc.poll()})"
-                                    f"{self._tail()}")
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
     def call(self, command: str, timeout: float = 30.0) -> str:
-        self.send(command)
-        answer = self.reply(timeout)
-        if answer.startswith("ERROR"):
-            raise HostError(f"{command!r} -> {answer}{self._tail()}")
-        return answer
-
-    def kill(self) -> None:
-        """SIGKILL the host's whole process group and reap unshare."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
-        self._stderr.close()
-
-    def _tail(self) -> str:
-        with contextlib.suppress(OSError, ValueError):
-            self._stderr.seek(0)
-            text = self._stderr.read().decode(errors="replace").strip()
-            if text:
-                return "\n--- host stderr ---\n" + text[-3000:]
-        return ""
+        return super().call(command, timeout)
 
 
 def intervals_peak(paths: list[Path]) -> tuple[int, int]:

@@ -21,24 +21,23 @@ stopped through the process group of the pid it was started as (``unshare`` and 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+try:
+    from support.lineproc import LineProcess
+except ImportError:  # run as the child's script: this directory is sys.path[0]
+    from lineproc import LineProcess  # type: ignore[no-redef]
+
 __all__ = ["Agent", "AgentError", "set_slice", "unshare_unavailable"]
 
 _HERE = Path(__file__).resolve()
-_REPO = _HERE.parents[2]
 
 
 class AgentError(Exception):
@@ -92,108 +91,24 @@ def set_slice(seconds: float) -> list[str]:
     return changed
 
 
-class Agent:
+class Agent(LineProcess):
     """One agent process, optionally inside new namespaces (see the module docstring)."""
+
+    error = AgentError
+    what = "agent"
 
     def __init__(self, unshare_flags: Sequence[str] = (), *, start_timeout: float = 30.0) -> None:
         self.flags = tuple(unshare_flags)
         prefix = ["unshare", *self.flags] if self.flags else []
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, str(_HERE)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            env=env, cwd=str(_REPO), start_new_session=True,
-        )
-        self._buf = b""
-        try:
-            ready = self.reply(start_timeout)
-            if not ready.startswith("READY "):
-                raise AgentError(f"agent started with {ready!r}{self._stderr_tail()}")
-        except BaseException:
-            self.kill()
-            raise
+        super().__init__([*prefix, sys.executable, str(_HERE)], start_timeout=start_timeout)
         #: the agent's pid as seen in its own pid namespace (1 under unshare --pid --fork)
-        self.inner_pid = int(ready.split("=", 1)[1])
+        self.inner_pid = int(self.ready.split("=", 1)[1])
 
     def __repr__(self) -> str:
         return f"<Agent unshare {' '.join(self.flags) or '(host)'} pid={self.proc.pid}>"
 
     def __enter__(self) -> Agent:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-    # talking -------------------------------------------------------------------------------
-    def send(self, command: str) -> None:
-        """Send one command; collect its answer with :meth:`reply`."""
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(command.encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise AgentError(f"{self!r} is gone ({exc!r}){self._stderr_tail()}") from exc
-
-    def reply(self, timeout: float) -> str:
-        """The next answer line, waiting at most ``timeout`` seconds.
-
-        Raises:
-            AgentError: no line in time, or the agent exited.
-        """
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AgentError(f"{self!r} gave no answer within {timeout:.1f} s")
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise AgentError(f"{self!r} exited (status {self.proc.poll()})"
-                                 f"{self._stderr_tail()}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    def call(self, command: str, timeout: float = 20.0) -> str:
-        """Send ``command`` and return its answer; an ``ERROR`` answer raises AgentError."""
-        self.send(command)
-        answer = self.reply(timeout)
-        if answer.startswith("ERROR"):
-            raise AgentError(f"{self!r}: {command!r} -> {answer}{self._stderr_tail()}")
-        return answer
-
-    # stopping ------------------------------------------------------------------------------
-    def wait(self, timeout: float) -> int:
-        """Wait (bounded) for the agent to exit by itself; return its status."""
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the agent's whole process group (unshare and its child) and reap it."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
-        self._stderr.close()
-
-    def _stderr_tail(self) -> str:
-        with contextlib.suppress(OSError, ValueError):
-            self._stderr.seek(0)
-            text = self._stderr.read().decode(errors="replace").strip()
-            if text:
-                return "\n--- agent stderr ---\n" + text[-3000:]
-        return ""
 
 
 # the agent side --------------------------------------------------------------------------------
