@@ -9,6 +9,28 @@ import pytest
 from kombu import Connection
 
 import mppools
+from mppools._limiter._base import Limiter
+
+
+def _start_waiter(limiter: Limiter, timeout: float) -> tuple[threading.Thread, list[str]]:
+    """A thread that waits for a slot (and gives it back); returns once it is queued. Its
+    outcome list gets "got" or "timed out"."""
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            limiter.release(limiter.acquire(timeout=timeout))
+            outcome.append("got")
+        except mppools.LimitExceeded:
+            outcome.append("timed out")
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while limiter.stats().waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert limiter.stats().waiting == 1
+    return waiter, outcome
 
 
 @pytest.mark.parametrize("quantum", [0.0, 60.0])
@@ -31,21 +53,8 @@ def test_a_busy_connection_keeps_its_slot_for_its_quantum(
     conn = pool.acquire(block=True, timeout=5)
     conn.connect()
     first = conn._connection
-    outcome: list[str] = []
-
-    def wait() -> None:
-        try:
-            limiter.release(limiter.acquire(timeout=1.5))
-            outcome.append("got")
-        except mppools.LimitExceeded:
-            outcome.append("timed out")
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
+    waiter, outcome = _start_waiter(limiter, timeout=1.5)
     deadline = time.monotonic() + 10
-    while limiter.stats().waiting < 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert limiter.stats().waiting == 1
     reconnected = 0
     while waiter.is_alive() and time.monotonic() < deadline:
         conn.release()
@@ -156,20 +165,7 @@ def test_a_connection_that_goes_idle_while_someone_waits_is_handed_on_unasked(
     pool = mppools.connections[Connection("memory://")]
     conn = pool.acquire(block=True, timeout=5)
     conn.connect()
-    outcome: list[str] = []
-
-    def wait() -> None:
-        try:
-            limiter.release(limiter.acquire(timeout=20))
-            outcome.append("got")
-        except mppools.LimitExceeded:
-            outcome.append("timed out")
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    deadline = time.monotonic() + 10
-    while limiter.stats().waiting < 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    waiter, outcome = _start_waiter(limiter, timeout=20)
     conn.release()  # idle in its pool now, its quantum (an hour) far from over
     waiter.join(30)
     assert outcome == ["got"]
