@@ -19,7 +19,7 @@ import pytest
 
 import mppools
 from mppools.__main__ import main as console_main
-from mppools._limiter._base import BudgetStats, HolderStats, WaiterStats
+from mppools._limiter._base import BudgetStats, HolderStats, WaiterStats, local_host
 from mppools._limiter.posix import PosixLimiter, exists
 from mppools.cli import main, render_prometheus
 from mppools.cli._demo import DemoOptions, run_demo
@@ -172,7 +172,8 @@ def test_status_prometheus(name: str, holder: Holder,
         assert f"# HELP {metric} " in out
         assert f"# TYPE {metric} " in out
     assert f'mppools_slots_in_use{{budget="{name}"}} 2' in out
-    assert f'mppools_holder_slots{{budget="{name}",pid="{holder.pid}",state="busy"}} 2' in out
+    assert (f'mppools_holder_slots{{budget="{name}",host="{local_host()}",pid="{holder.pid}",'
+            f'state="busy"}} 2') in out
 
 
 @pytest.mark.timeout(30)
@@ -472,13 +473,13 @@ def test_render_prometheus_format() -> None:
     lines = text.splitlines()
     for metric in METRICS:
         assert lines.count(f"# TYPE {metric} {_kind(metric)}") == 1
-    assert 'mppools_waiters{budget="web"} 4' in lines
-    assert 'mppools_acquire_timeouts_total{budget="web"} 5' in lines
-    assert 'mppools_slots_free{budget="b2"} 1' in lines
-    assert 'mppools_holder_slots{budget="web",pid="11",state="idle"} 1' in lines
-    assert 'mppools_holder_slots{budget="web",pid="11",state="busy"} 1' in lines
+    assert 'mppools_waiters{budget="web"} 4.0' in lines
+    assert 'mppools_acquire_timeouts_total{budget="web"} 5.0' in lines
+    assert 'mppools_slots_free{budget="b2"} 1.0' in lines
+    assert 'mppools_holder_slots{budget="web",host="h1",pid="11",state="idle"} 1.0' in lines
+    assert 'mppools_holder_slots{budget="web",host="h1",pid="11",state="busy"} 1.0' in lines
     samples = [line for line in lines if not line.startswith("#")]
-    assert all(line.split()[-1].isdigit() for line in samples)
+    assert all(isinstance(float(line.split()[-1]), float) for line in samples)
     assert render_prometheus([]) == ""
 
 
