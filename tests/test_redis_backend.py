@@ -393,3 +393,39 @@ def test_a_new_budget_grants_only_after_its_grace_period(own_redis: RedisServer,
         limiter.acquire(block=False)
     limiter.release(limiter.acquire(timeout=20))  # a bound far above the 1 s grace
     assert limiter.stats().extra["grace_left"] == 0
+
+
+def test_more_hosts_than_leases_take_turns(hosts: list[Host], redis_server: Any,
+                                           budget_name: str, tmp_path: Path) -> None:
+    # limit 2, three hosts that all want leases: a fair share is below one lease, so the
+    # hosts that hold one must hand it on in turns (before: each held its "share" of one
+    # and the third host waited for as long as the others kept working)
+    limit, spec, stop = 2, _spec(redis_server), tmp_path / "stop"
+    logs = []
+    for h in range(2):
+        host = Host()
+        hosts.append(host)
+        host.call(f"configure {budget_name} {limit} {spec}")
+        host.call("workers 2")
+        for w in range(2):
+            logs.append(tmp_path / f"h{h}w{w}.log")
+            host.call(f"wsend {w} churn 100000 60 0.01 {logs[-1]} {stop}")
+    a, b = hosts
+    assert wait_until(lambda: all(int(h.call("stats").split()[3]) >= 1 for h in (a, b)),
+                      20, 0.02, what="both hosts hold a lease")
+    c = Host()
+    hosts.append(c)
+    c.call(f"configure {budget_name} {limit} {spec}")
+    c.call("workers 1")
+    try:
+        answer = c.call("w 0 acquire 8", timeout=30).split()
+    finally:
+        stop.touch()
+    assert answer[0] == "GOT", answer
+    print(f"\nthe third host got its turn after {float(answer[1]):.2f} s")
+    c.call("w 0 release")
+    for host in (a, b):
+        for w in range(2):
+            assert host.call(f"wget {w}", timeout=60).split()[0] == "OK"
+    peak, _ = intervals_peak(logs)
+    assert peak <= limit

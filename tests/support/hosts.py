@@ -15,23 +15,46 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 CLOCK_MONOTONIC when it returned: one clock for all hosts) /
                                 "EXCEEDED <type> <message>"
     release                     release the last slot -> "OK"
-    churn ROUNDS T HOLD LOG     ROUNDS times: acquire (timeout T), append "+ <monotonic ns>"
-                                to the file LOG, hold HOLD s, append "- <ns>", release
+    churn ROUNDS T HOLD LOG [STOP]
+                                ROUNDS times (or until the file STOP exists): acquire (timeout
+                                T), append "+ <monotonic ns>" to the file LOG, hold HOLD s,
+                                append "- <ns>", release
                                 -> "OK <acquired> <exceeded>"
     publish N URL QUEUE         N messages through mppools.producers to the broker URL (the
                                 pools are reset every 5: connections churn) -> "OK N"
     resize N [force]            limiter.resize(N, force=...) -> "OK"
-    stats                       "OK <limit> <in_use> <local limit> <ns of the last fence, -1>"
+    stats                       "OK <limit> <in_use> <local limit> <ns of the last fence, -1>
+                                <generation or -> <waiting>"
+    wkill I                     SIGKILL worker I and reap it -> "OK" (``workers 1`` adds a new
+                                one at the next index)
+    publoop STOP HOLD URL QUEUE LOG TAG
+                                publish messages with ids TAG-<n> through mppools.producers
+                                (acquire timeout 5 s, each held HOLD s, the pools reset every
+                                7) until the file STOP exists (at most 300 s); after each
+                                publish that returned, append its id to the file LOG
+                                -> "OK <acknowledged> <failed>"
+    hold T                      acquire (timeout T) and keep the connection checked out
+                                -> "GOT <s> <ns>" (``release`` gives it back)
 
 ``ERROR <repr>`` for a failing command. Killing the host SIGKILLs its process group (unshare,
 the master and its workers: they share the group; the pid namespace dies with its init).
+
+``Host(env={...})`` runs the agent with those environment variables (e.g. ``LD_PRELOAD`` of
+libfaketime: the host's clocks, not its namespaces' tools). :class:`CoordinationRedis` is a
+redis-server on a port that stays the same across restarts (one restarted empty).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +63,7 @@ try:
 except ImportError:  # run as the child's script: this directory is sys.path[0]
     from lineproc import LineProcess  # type: ignore[no-redef]
 
-__all__ = ["Host", "HostError", "intervals_peak"]
+__all__ = ["CoordinationRedis", "Host", "HostError", "intervals_peak"]
 
 _HERE = Path(__file__).resolve()
 FLAGS = ("--mount", "--pid", "--fork", "--mount-proc")
@@ -56,8 +79,11 @@ class Host(LineProcess):
     error = HostError
     what = "host"
 
-    def __init__(self, start_timeout: float = 30.0) -> None:
-        script = f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} {_HERE}"
+    def __init__(self, start_timeout: float = 30.0, env: Mapping[str, str] | None = None
+                 ) -> None:
+        extra = " ".join(shlex.quote(f"{k}={v}") for k, v in (env or {}).items())
+        launcher = f"env {extra} " if extra else ""
+        script = f"mount -t tmpfs tmpfs /dev/shm && exec {launcher}{sys.executable} {_HERE}"
         super().__init__(["unshare", *FLAGS, "sh", "-c", script], start_timeout=start_timeout)
 
     def __repr__(self) -> str:
@@ -68,6 +94,85 @@ class Host(LineProcess):
 
     def call(self, command: str, timeout: float = 30.0) -> str:
         return super().call(command, timeout)
+
+
+class CoordinationRedis:
+    """A redis-server without persistence on a port of its own that survives restarts: the
+    coordination server of a chaos test (SIGSTOP it, or :meth:`restart` it empty)."""
+
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        from .servers import free_port
+
+        self.tmp = tmp
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        from .servers import popen
+
+        self.starts += 1
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.tmp), "--unixsocket", "",
+                "--logfile", str(self.tmp / "redis.log")]
+        self.proc = popen(args, log_path=self.tmp / "stdout.log", cwd=self.tmp,
+                          env=dict(os.environ))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited "
+                                   f"({self.proc.returncode})")
+            if self.ping():
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within 10 s")
+
+    def ping(self, timeout: float = 0.5) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (its data is gone: there is no persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> float:
+        """Kill and start again, empty, on the same port; returns the seconds it was down."""
+        t0 = time.monotonic()
+        self.kill()
+        for _ in range(50):  # the port may linger for a moment
+            try:
+                self.start()
+                break
+            except RuntimeError:
+                time.sleep(0.1)
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        self.kill()
+
+    def __enter__(self) -> CoordinationRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def intervals_peak(paths: list[Path]) -> tuple[int, int]:
@@ -108,10 +213,13 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         return "OK"
     if cmd == "churn":
         rounds, timeout, hold, log = int(args[0]), float(args[1]), float(args[2]), args[3]
+        stop = args[4] if len(args) > 4 else None
         got = exceeded = 0
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             for _ in range(rounds):
+                if stop is not None and os.path.exists(stop):
+                    break
                 try:
                     slot = limiter().acquire(timeout=timeout)
                 except mppools.LimitExceeded:
@@ -137,6 +245,15 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
             if i % 5 == 4:
                 mppools.reset()  # churn: close and reopen connections
         return f"OK {n}"
+    if cmd == "hold":
+        t0 = time.monotonic()
+        try:
+            state["slot"] = limiter().acquire(timeout=float(args[0]))
+        except mppools.LimitExceeded as exc:
+            return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
+        return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
+    if cmd == "publoop":
+        return _publoop(*args)
     if cmd == "resize":
         limiter().resize(int(args[0]), force=args[1:] == ["force"])
         return "OK"
@@ -144,8 +261,43 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         s = limiter().stats()
         fenced = s.extra.get("fenced_at")
         fenced_ns = -1 if fenced is None else round(float(fenced) * 1e9)  # type: ignore[arg-type]
-        return f"OK {s.limit} {s.in_use} {s.extra.get('local_limit')} {fenced_ns}"
+        gen = s.extra.get("generation") or "-"
+        return (f"OK {s.limit} {s.in_use} {s.extra.get('local_limit')} {fenced_ns} {gen} "
+                f"{s.waiting}")
     return f"ERROR unknown command {cmd!r}"
+
+
+def _publoop(stop: str, hold: str, url: str, queue: str, log: str,
+             tag: str) -> str:  # pragma: no cover - runs in a worker
+    from kombu import Connection, Exchange, Queue
+
+    import mppools
+
+    acked = failed = 0
+    end = time.monotonic() + 300
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    exchange = Exchange(queue)
+    declare = [Queue(queue, exchange, routing_key=queue)]
+    try:
+        n = 0
+        while not os.path.exists(stop) and time.monotonic() < end:
+            n += 1
+            mid = f"{tag}-{n}"
+            try:
+                with mppools.producers[Connection(url)].acquire(block=True, timeout=5) as p:
+                    p.publish({"id": mid}, routing_key=queue, exchange=exchange,
+                              retry=False, declare=declare)
+                    os.write(fd, f"{mid}\n".encode())  # acknowledged: publish returned
+                    acked += 1
+                    time.sleep(float(hold))
+            except Exception:
+                failed += 1
+                time.sleep(0.01)
+            if n % 7 == 0:
+                mppools.reset()  # churn: close and reopen connections
+    finally:
+        os.close(fd)
+    return f"OK {acked} {failed}"
 
 
 def _worker(rfd: int, wfd: int) -> None:  # pragma: no cover - a forked worker
@@ -169,6 +321,7 @@ def _serve() -> None:  # pragma: no cover - runs in the host's master
 
     print("READY", flush=True)
     workers: list[tuple[int, Any]] = []  # (write fd, reader of answers)
+    pids: list[int] = []
     state: dict[str, Any] = {}
     for raw in sys.stdin:
         words = raw.split()
@@ -183,7 +336,8 @@ def _serve() -> None:  # pragma: no cover - runs in the host's master
                 for _ in range(int(words[1])):
                     to_r, to_w = os.pipe()
                     from_r, from_w = os.pipe()
-                    if os.fork() == 0:
+                    pid = os.fork()
+                    if pid == 0:
                         try:
                             os.close(to_w)
                             os.close(from_r)
@@ -193,6 +347,12 @@ def _serve() -> None:  # pragma: no cover - runs in the host's master
                     os.close(to_r)
                     os.close(from_w)
                     workers.append((to_w, os.fdopen(from_r, "r")))
+                    pids.append(pid)
+                answer = "OK"
+            elif words[0] == "wkill":
+                pid = pids[int(words[1])]
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
                 answer = "OK"
             elif words[0] in ("w", "wsend"):
                 to_w, answers = workers[int(words[1])]

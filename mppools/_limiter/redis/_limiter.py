@@ -100,6 +100,9 @@ POLL = 0.005
 CHECK_EVERY = 0.1
 #: how long one borrowing attempt of the lease keeper may wait in the queue (seconds)
 BORROW_WAIT = 0.1
+#: with more hosts wanting leases than the limit (a fair share below one lease), how long a
+#: host keeps a lease while others wait before it hands one on (seconds): hosts take turns
+HOST_TURN = 1.0
 DEFAULT_TTL = 10.0
 
 
@@ -170,6 +173,8 @@ class RedisLimiter(Limiter):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: when the lease keeper last got a lease granted (monotonic; hosts take turns)
+        self._granted_at = 0.0
         #: how many times, and when last (monotonic), the lease keeper fenced this host
         self.fences = 0
         self.fenced_at: float | None = None
@@ -346,6 +351,8 @@ class RedisLimiter(Limiter):
         self._health = None
         self._limit_seen = lease.limit
         self._local.resize(self._local.limit + got)
+        if got:
+            self._granted_at = time.monotonic()
         return got
 
     def _borrow_for_waiters(self) -> None:
@@ -361,7 +368,10 @@ class RedisLimiter(Limiter):
         hosts wait or the hosts hold more than the limit (after a forced shrink): free local
         slots nobody uses go back at once, and a host above its fair share (the limit over
         the hosts holding or waiting) hands one busy slot on per call (a forced shrink by
-        one: the next release, or an idle connection's keeper, pays it)."""
+        one: the next release, or an idle connection's keeper, pays it). With more hosts
+        wanting leases than the limit (a share below one lease) the holder whose leases were
+        granted or renewed the longest ago hands one on once it has kept it for
+        :data:`HOST_TURN` while others wait: hosts take turns."""
         lease = self._lease
         assert lease is not None
         if give_back and lease.held:
@@ -378,6 +388,13 @@ class RedisLimiter(Limiter):
                     mine = self._local.limit - 1
                     if mine > share and mine >= self._used() and not self._local.in_debt():
                         self._local.resize(mine, force=True)  # limit - 1 leases + the plug
+                    elif (mine >= 1 and len(hosts) > seen.limit and not self._local.in_debt()
+                          and time.monotonic() - self._granted_at >= HOST_TURN
+                          and any(w.host != lease.host_id for w in seen.waiting)
+                          and seen.hosts and min(seen.hosts, key=lambda h: h.expires_at).host
+                          == lease.host_id):
+                        self._local.resize(mine, force=True)  # one lease to the next host
+                        self._granted_at = time.monotonic()
         used = self._used()
         keep = max(self._local.limit - 1, used)
         if lease.held > keep:
