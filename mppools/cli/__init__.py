@@ -5,6 +5,7 @@
     mppools status [NAME] [--json] [--watch [SECONDS]] [--prometheus]
     mppools reclaim NAME [--json]
     mppools unlink NAME [--force]
+    mppools check NAME [--limit N] [--broker URL] [--management URL] [--threads N] [--json]
     mppools demo [--workers 8] [--limit 3] [--seconds 20] [--broker URL] [--kill-every 3]
 
 User mistakes (an unknown name, a foreign or incompatible segment, no permission, a refused
@@ -54,6 +55,21 @@ examples:
 
 After an unlink, processes still attached keep using the old (now nameless) budget while new
 ones create a new budget: stop the users first.
+"""
+
+_CHECK_EXAMPLES = """\
+examples:
+  mppools check web                   the budget, /dev/shm, fd limits, namespaces, squatters
+  mppools check web --broker redis://cache:6379/0
+                                      also: the limit against redis maxclients, and
+                                      connections to redis not made through the budget
+  mppools check web --broker amqp://user:pw@mq:5672/prod
+                                      the vhost's max-connections through the management
+                                      api (http://mq:15672 unless --management URL)
+  mppools check web --limit 20 --threads 8    a budget not created yet
+  mppools check web --json            for scripts; exits 1 if a check failed
+
+Read-only: no slot is taken, nothing is written, a missing budget is not created.
 """
 
 _DEMO_EXAMPLES = """\
@@ -129,6 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     unlink.add_argument("--force", action="store_true",
                         help="remove even while in use, or when the segment is not mppools'")
 
+    check = sub.add_parser(
+        "check", help="preflight: is this host set up safely for a budget, does it fit",
+        description="Check one budget on this host: that it is readable and undamaged, that "
+        "no other user holds its names in /dev/shm, /dev/shm free space, the open-file "
+        "limit against what one process may need, processes using it from another PID or "
+        "network namespace and, with --broker, its limit against the broker's own cap and "
+        "the connections to that broker not made through it. Each check prints ok, warn "
+        "or fail with its numbers. Exits 1 if a check failed (with --strict, also on a "
+        "warning), 2 on a usage error.",
+        epilog=_CHECK_EXAMPLES, formatter_class=_Formatter,
+    )
+    check.add_argument("name", metavar="NAME", help="budget name")
+    check.add_argument("--limit", type=_positive_int, metavar="N",
+                       help="the limit planned for a budget that does not exist yet")
+    check.add_argument("--broker", metavar="URL",
+                       help="broker to check against: redis://, rediss://, amqp://, amqps://")
+    check.add_argument("--management", metavar="URL",
+                       help="RabbitMQ management api (default http://BROKER-HOST:15672, "
+                       "with the broker url's user)")
+    check.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="threads or greenlets one process runs against the pool at once "
+                       "(default: as many as the limit)")
+    check.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S",
+                       help="seconds to wait for the broker (default 5)")
+    check.add_argument("--strict", action="store_true", help="exit 1 on a warning too")
+    check.add_argument("--json", action="store_true", help="machine-readable JSON")
+
     demo = sub.add_parser(
         "demo", help="watch forked workers share a small budget while some get SIGKILLed",
         description="Fork N publisher workers that share a budget of --limit connections, "
@@ -199,6 +242,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mppools.cli._status import run_unlink
 
         return run_unlink(args.name, force=args.force)
+    if args.command == "check":
+        from mppools.cli._check import CheckOptions, run_check
+
+        return run_check(CheckOptions(
+            name=args.name, limit=args.limit, broker=args.broker, management=args.management,
+            threads=args.threads, timeout=args.timeout, strict=args.strict,
+        ), as_json=args.json)
     from mppools.cli._demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(
