@@ -48,8 +48,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as exc:  # the rest of mppools works without it
+    raise ImportError(
+        "mppools.integrations.prometheus needs prometheus_client: pip install "
+        f"'mppools[prometheus]' ({exc})"
+    ) from exc
 
 from mppools import _config
 from mppools._errors import BudgetNotFoundError, MppoolsError
