@@ -429,3 +429,43 @@ def test_more_hosts_than_leases_take_turns(hosts: list[Host], redis_server: Any,
             assert host.call(f"wget {w}", timeout=60).split()[0] == "OK"
     peak, _ = intervals_peak(logs)
     assert peak <= limit
+
+
+def test_a_host_whose_leases_lapse_while_the_server_is_stopped_fences_in_time(
+        hosts: list[Host], own_redis: RedisServer, budget_name: str, tmp_path: Path) -> None:
+    # host a holds every lease and churns on them; host b holds none and starts waiting
+    # while the server is frozen for longer than the TTL. At the thaw the server drops a's
+    # leases and grants them to b at once; a learns of it only at its next call. Only a's
+    # fencing (before the deadline, during the freeze) keeps a from handing out slots b
+    # now holds (without it: 3 and 4 holders at once with limit 2)
+    limit, spec, stop = 2, _spec(own_redis), tmp_path / "stop"
+    a, b = Host(), Host()
+    hosts += [a, b]
+    logs = [tmp_path / f"a{w}.log" for w in range(2)] + [tmp_path / f"b{w}.log"
+                                                         for w in range(2)]
+    a.call(f"configure {budget_name} {limit} {spec}")
+    a.call("workers 2")
+    for w in range(2):
+        a.call(f"wsend {w} churn 100000 60 0.005 {logs[w]} {stop}")
+    b.call(f"configure {budget_name} {limit} {spec}")
+    b.call("workers 2")
+    assert wait_until(lambda: intervals_peak(logs)[1] >= 20, 30, 0.01, what="a churns")
+    assert b.call("stats").split()[3] == "0"  # b holds nothing, wants nothing
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    try:
+        time.sleep(TTL + 0.5)  # a's leases expire in the server's clock meanwhile
+        for w in range(2):
+            b.call(f"wsend {w} churn 100000 60 0.005 {logs[2 + w]} {stop}")
+        time.sleep(0.2)  # b's master asks; its call waits for the server
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    assert wait_until(lambda: intervals_peak(logs[2:])[1] >= 20, 30, 0.01, what="b churns")
+    time.sleep(1.0)
+    stop.touch()
+    for host in (a, b):
+        for w in range(2):
+            assert host.call(f"wget {w}", timeout=60).split()[0] == "OK"
+    peak, intervals = intervals_peak(logs)
+    print(f"\n{intervals} holdings on two hosts, at most {peak} at once (limit {limit})")
+    assert peak <= limit, f"{peak} holders at once with limit {limit}"
+    assert int(a.call("stats").split()[4]) != -1  # a fenced
