@@ -196,3 +196,61 @@ def test_chaos_across_three_hosts(hosts: list[Host], budget_name: str, tmp_path:
     assert len(arrived) == len(set(arrived))  # nothing was published twice
     assert reclaimed <= TTL + MARGIN, (
         f"a dead host's leases took {reclaimed:.2f} s to reach the others (ttl {TTL} s)")
+
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+def test_a_host_whose_wall_clock_steps_keeps_its_leases_for_the_ttl_no_more(
+        hosts: list[Host], budget_name: str, tmp_path: Path) -> None:
+    # host a runs under libfaketime: its wall clock (CLOCK_REALTIME, what time.time() and
+    # gettimeofday read) jumps an hour and a day forward and back while it holds both
+    # leases; its monotonic clock goes on (as when NTP or an operator steps the clock).
+    # Leases are scored in the server's clock: a's leases neither expire early (b never
+    # gets one while a lives) nor late (b gets them within the TTL after a dies)
+    if not os.path.exists(FAKETIME):
+        pytest.skip(f"libfaketime not installed ({FAKETIME}; apt-get install faketime)")
+    clock = tmp_path / "clock"
+    clock.write_text("+0\n")
+    env = {"LD_PRELOAD": FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(clock),
+           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    with CoordinationRedis(tmp_path / "coord") as coord:
+        spec = f"{coord.url}?lease_ttl={TTL}&fresh=1"
+        a = Host(env=env)
+        hosts.append(a)
+        a.call(f"configure {budget_name} 2 {spec}")
+        a.call("workers 2")
+        for w in range(2):
+            assert a.call(f"w {w} hold 10").startswith("GOT")
+        b = Host()
+        hosts.append(b)
+        b.call(f"configure {budget_name} 2 {spec}")
+        b.call("workers 1")
+        tries = 0
+        for offset in (3600, -3600, 86400, -86400, 0):
+            clock.write_text(f"{offset:+d}\n")
+            skew = float(a.call("clock").split()[1]) - time.time()
+            assert abs(skew - offset) < 5, f"host a's clock is off by {skew:.0f} s"
+            end = time.monotonic() + 1.2 * TTL  # past a renewal and a whole TTL
+            while time.monotonic() < end:
+                answer = b.call("w 0 acquire 0.2", timeout=30)
+                assert answer.startswith("EXCEEDED"), (
+                    f"host b got a lease host a holds, a's clock stepped {offset:+d} s: "
+                    f"{answer}")
+                tries += 1
+            # both still in use, never fenced (its local limit may be lower: b waits, so a
+            # owes one lease back, paid when a worker releases)
+            fields = a.call("stats").split()
+            assert fields[2] == "2" and fields[4] == "-1", (
+                f"host a lost its leases or fenced with its clock stepped {offset:+d} s: "
+                f"{fields}")
+        clock.write_text("+3600\n")  # a dies with its clock an hour ahead
+        b.call("wsend 0 acquire 60")
+        killed = time.monotonic()
+        a.kill()
+        answer = b.call("wget 0", timeout=90)
+        reclaimed = time.monotonic() - killed
+    print(f"\nhost a's wall clock stepped by +-1 h and +-1 d: {tries} tries of host b "
+          f"refused; a killed, its lease reached b after {reclaimed:.2f} s (ttl {TTL} s)")
+    assert answer.startswith("GOT"), answer
+    assert reclaimed <= TTL + MARGIN, f"a's leases lived {reclaimed:.2f} s past its death"

@@ -33,6 +33,7 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 7) until the file STOP exists (at most 300 s); after each
                                 publish that returned, append its id to the file LOG
                                 -> "OK <acknowledged> <failed>"
+    clock                       "OK <time.time()> <time.monotonic()>" (this host's clocks)
     hold T                      acquire (timeout T) and keep the connection checked out
                                 -> "GOT <s> <ns>" (``release`` gives it back)
 
@@ -252,6 +253,8 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         except mppools.LimitExceeded as exc:
             return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
         return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
+    if cmd == "clock":
+        return f"OK {time.time():.3f} {time.monotonic():.3f}"
     if cmd == "publoop":
         return _publoop(*args)
     if cmd == "resize":
