@@ -89,7 +89,7 @@ class CheckOptions:
 
 # helpers -----------------------------------------------------------------------------------
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
 
 
 def _size(n: int) -> str:
