@@ -80,20 +80,20 @@ _BUDGET: tuple[tuple[str, Literal["gauge", "counter"], str, _Getter], ...] = (
 )
 
 _UP = ("mppools_budget_up", "Whether the budget could be read (1) or not (0: unreadable, "
-       "foreign, incompatible, another user's; its other metrics are then absent).")
-_DAMAGED = ("mppools_budget_damaged", "Whether the budget's tables are damaged (1): unknown "
-            "entries count as used until `mppools reclaim` or a waiter's audit repairs them.")
-_INFO = ("mppools_budget_info", "The budget's backend and the host its snapshot was taken on.")
-_YIELDS = ("mppools_yields_total", "Idle connections handed on at a waiter's request.")
+       "foreign, incompatible, or owned by another user; its other metrics are then absent).")
+_DAMAGED = ("mppools_budget_damaged", "Whether the tables of the budget are damaged (1): unknown "
+            "entries count as used until `mppools reclaim` or the audit of a waiter repairs them.")
+_INFO = ("mppools_budget_info", "The backend of the budget and the host its snapshot was taken on.")
+_YIELDS = ("mppools_yields_total", "Idle connections handed on at the request of a waiter.")
 _GENERATION = ("mppools_budget_generation",
-               "The budget's generation (it grows when the budget is recovered or resized).")
+               "The generation of the budget (it grows when the budget is recovered or resized).")
 #: cross-host (redis backend) metrics, from ``BudgetStats.extra``
 _COORDINATION_UP = ("mppools_coordination_up",
                     "Whether the coordination server answered the last look (1) or not (0).")
 _LEASES_IN_USE = ("mppools_leases_in_use", "Slots leased to hosts, across every host.")
 _HOST_HELD = ("mppools_host_leases_held", "Slots leased to one host.")
 _HOST_EXPIRY = ("mppools_host_lease_expiry_seconds",
-                "Seconds until one host's leases expire unless renewed.")
+                "Seconds until the leases of one host expire unless renewed.")
 _HOST_WAITING = ("mppools_host_waiting", "Whether one host waits for a lease now (1) or not.")
 #: per-holder metrics (only with ``per_holder``)
 _HOLDER_SLOTS = ("mppools_holder_slots",
