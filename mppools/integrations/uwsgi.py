@@ -1,0 +1,434 @@
+"""uWSGI: one budget of broker connections for the master and all its workers.
+
+Setup, one call in the module uWSGI loads (``--module`` / ``--wsgi-file``)::
+
+    from mppools.integrations import uwsgi as mppools_uwsgi
+
+    mppools_uwsgi.setup(limit=3, name="web")   # or MPPOOLS_LIMIT / MPPOOLS_NAME
+
+and one line in the uWSGI configuration, so that the budget is removed when the master
+stops (the master never runs Python's ``atexit``, nor ``uwsgi.atexit``)::
+
+    exec-as-user-atexit = python3 -m mppools.integrations.uwsgi cleanup web
+
+What :func:`setup` does depends on where uWSGI loads the app:
+
+preforked (``--master --processes N``, the default)
+    ``setup`` runs in the master: it calls :func:`mppools.configure` there, before uWSGI
+    forks any worker, so every worker inherits the budget. uWSGI forks from C: Python's fork
+    handlers (``os.register_at_fork``, mppools' own included) run in the workers only with
+    ``--py-call-osafterfork`` (or ``--py-call-uwsgi-fork-hooks``). ``setup`` registers a
+    post-fork hook (``uwsgidecorators.postfork`` when available, else
+    ``uwsgi.post_fork_hook``, chained) that runs mppools' after-fork handling in every worker
+    where Python's did not (:func:`after_fork`): the pools inherited from the master are
+    dropped without any I/O, the in-process locks and the token file are made anew.
+``--lazy-apps`` (or ``--lazy``)
+    every worker imports the app, so ``setup`` runs in every worker, after its fork: with an
+    explicit name, the first worker creates the budget and the others join it (the same
+    name and limit). Without a name each worker would make a budget of its own (N workers
+    x limit connections): refused with :class:`~mppools.ConfigurationError`.
+
+In both modes a worker that exits gracefully (reload, ``--max-requests``, SIGHUP) detaches
+without removing the budget (``mppools.close(unlink=False)``) even if it created it: other
+workers still use it, and a budget removed under them would let the next worker create a
+second one of the same name (two budgets, twice the limit).
+
+Outside uWSGI (the module imported by a test or a development server) ``setup`` simply
+calls :func:`mppools.configure`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import mppools
+from mppools import _config, _fork
+from mppools._errors import BudgetInUseError, BudgetNotFoundError, ConfigurationError
+from mppools._limiter._base import Limiter
+from mppools.integrations import settings_from_env
+
+__all__ = ["after_fork", "cleanup", "main", "server_mode", "setup"]
+
+logger = logging.getLogger("mppools.uwsgi")
+
+#: the master exports its pid here in setup(), for the cleanup command it runs at exit
+ENV_MASTER = "MPPOOLS_UWSGI_MASTER"
+
+#: the pid in which mppools' after-fork handling last ran (or mppools was imported): a
+#: process whose pid differs was forked without Python's fork handlers (a C-level fork)
+_handled_pid = os.getpid()
+_hooks_installed_in: int | None = None  # the pid whose post-fork / exit hooks are in place
+_exit_hooks_in: int | None = None
+
+
+def _note_fork_handled() -> None:
+    global _handled_pid
+    _handled_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_note_fork_handled)
+
+
+def _uwsgi() -> Any | None:
+    """The ``uwsgi`` module, which exists only inside the server (None elsewhere)."""
+    try:
+        import uwsgi
+    except ImportError:
+        return None
+    return uwsgi
+
+
+def _opt(server: Any, key: str) -> Any:
+    opts = getattr(server, "opt", None) or {}
+    value = opts.get(key)
+    if value is None:
+        value = opts.get(key.encode())
+    return value
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, list):  # an option given several times
+        return bool(value) and _truthy(value[-1])
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
+def _flag(server: Any, key: str) -> bool:
+    return _truthy(_opt(server, key))
+
+
+def server_mode() -> str | None:
+    """How this uWSGI instance loads the app: ``"lazy"`` (``--lazy-apps`` / ``--lazy``: in
+    every worker), ``"preforked"`` (in the master, workers forked from it), or None outside
+    uWSGI."""
+    server = _uwsgi()
+    if server is None:
+        return None
+    if _flag(server, "lazy-apps") or _flag(server, "lazy"):
+        return "lazy"
+    return "preforked"
+
+
+def after_fork() -> bool:
+    """Run mppools' after-fork handling in this process if it was forked without Python's
+    fork handlers (uWSGI forks its workers from C). Idempotent: True if it ran now.
+
+    The inherited pools are emptied without touching their connections (the parent keeps
+    them), in-process locks are made anew, the budget's token file gets an open file
+    description of this process's own, and the keeper starts afresh here when needed.
+    """
+    global _handled_pid
+    pid = os.getpid()
+    if _handled_pid == pid:
+        return False
+    _handled_pid = pid
+    _fork._after_fork_in_child()
+    return True
+
+
+def _post_fork() -> None:
+    try:
+        if after_fork():
+            logger.debug("mppools: after-fork handling run by uWSGI's post-fork hook in pid %d",
+                         os.getpid())
+    except Exception:  # a failing hook must not stop the worker; the limiter's pid check
+        logger.exception("mppools: after-fork handling in uWSGI worker %d failed", os.getpid())
+
+
+def _install_post_fork(server: Any) -> None:
+    """Run :func:`_post_fork` in every process uWSGI forks from this one."""
+    try:
+        import uwsgidecorators
+    except ImportError:
+        uwsgidecorators = None
+    if uwsgidecorators is not None and hasattr(uwsgidecorators, "postfork"):
+        # its chain survives other @postfork users; it owns uwsgi.post_fork_hook
+        uwsgidecorators.postfork(_post_fork)
+        return
+    previous: Callable[[], object] | None = getattr(server, "post_fork_hook", None)
+
+    def chained() -> None:
+        _post_fork()
+        if previous is not None:
+            previous()
+
+    server.post_fork_hook = chained
+
+
+def _detach_at_exit() -> None:
+    """A worker leaves: give back its slots, never remove the budget (others use it)."""
+    if _config.current() is None:
+        return
+    with contextlib.suppress(Exception):
+        mppools.close(unlink=False)
+
+
+def _install_exit_hooks(server: Any) -> None:
+    """In every process that runs the app: detach without unlinking at a graceful exit.
+
+    ``uwsgi.atexit`` runs in workers (never in the master) before the interpreter is
+    finalized; the ``atexit`` registration, made after mppools' own, runs before it too, in
+    case the app replaces ``uwsgi.atexit`` later.
+    """
+    global _exit_hooks_in
+    if _exit_hooks_in == os.getpid():
+        return
+    _exit_hooks_in = os.getpid()
+    previous: Callable[[], object] | None = getattr(server, "atexit", None)
+
+    def chained() -> None:
+        if os.getpid() != _master_pid(server):
+            _detach_at_exit()
+        if previous is not None:
+            previous()
+
+    def at_python_exit() -> None:
+        if os.getpid() != _master_pid(server):
+            _detach_at_exit()
+
+    server.atexit = chained
+    atexit.register(at_python_exit)
+
+
+def _master_pid(server: Any) -> int:
+    try:
+        return int(server.masterpid())
+    except Exception:
+        return 0
+
+
+def _worker_id(server: Any) -> int:
+    try:
+        return int(server.worker_id())
+    except Exception:
+        return 0
+
+
+def _processes(server: Any) -> int:
+    raw = _opt(server, "processes") or _opt(server, "workers") or 1
+    if isinstance(raw, list):
+        raw = raw[-1]
+    try:
+        return max(1, int(raw.decode() if isinstance(raw, bytes) else raw))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _cleanup_configured(server: Any) -> bool:
+    for key in ("exec-as-user-atexit", "hook-as-user-atexit"):
+        value = _opt(server, key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            text = v.decode(errors="replace") if isinstance(v, bytes) else str(v or "")
+            if "mppools" in text:
+                return True
+    return False
+
+
+def setup(limit: int | None = None, name: str | None = None,
+          **configure_kwargs: Any) -> Limiter | None:
+    """Give this uWSGI instance one budget of ``limit`` broker connections.
+
+    Call it at import of the module uWSGI loads. ``limit`` / ``name`` left as None are read
+    from ``MPPOOLS_LIMIT`` / ``MPPOOLS_NAME``; ``configure_kwargs`` (``acquire_timeout``,
+    ``idle_timeout``, ``hold_quantum``, ``capacity``, ``mode``, ``backend``) go to
+    :func:`mppools.configure`, and default to ``MPPOOLS_ACQUIRE_TIMEOUT`` & co. A process
+    that already has a budget keeps it. Returns the budget, or None (with a warning) when no
+    limit is given anywhere: then mppools stays unconfigured (per-process pools, like
+    kombu.pools).
+
+    Raises:
+        ConfigurationError: an invalid setting; the app is loaded in the workers
+            (``--lazy-apps``) and the budget has no name, so that every worker would make a
+            budget of its own; ``backend="memory"`` (one budget per process) with more than
+            one uWSGI process; or what :func:`mppools.configure` raises.
+    """
+    global _hooks_installed_in
+    limit, name, kwargs = settings_from_env(limit, name, configure_kwargs)
+    server = _uwsgi()
+    # a process forked by uWSGI after mppools was imported (a module the master imported,
+    # then --lazy-apps): catch up on the fork handling first
+    after_fork()
+    if server is None:
+        if limit is None:
+            logger.warning("mppools: no limit (set MPPOOLS_LIMIT or setup(limit=...)): broker "
+                           "connections are NOT limited")
+            return _config.current()
+        return mppools.configure(limit, name, **kwargs)
+    mode = server_mode()
+    worker = _worker_id(server)
+    processes = _processes(server)
+    in_worker = worker > 0
+    if in_worker and name is None and _config.current() is None and limit is not None:
+        why = ("--lazy-apps loads the app in every worker" if mode == "lazy"
+               else f"setup() runs in uWSGI worker {worker}, after the fork")
+        raise ConfigurationError(
+            f"uWSGI: {why}, so each of the {processes} worker(s) would create a budget of "
+            f"its own (up to {processes} x {limit} = {processes * limit} connections): give "
+            "the budget a name (setup(limit, name=...) or MPPOOLS_NAME) so that the workers "
+            "share one"
+        )
+    if kwargs.get("backend") == "memory" and processes > 1:
+        raise ConfigurationError(
+            f"uWSGI runs {processes} processes and backend='memory' keeps a budget inside "
+            "one process: every process would have its own; use backend='posix'"
+        )
+    limiter = _config.current()
+    if limiter is None:
+        if limit is None:
+            logger.warning("mppools: no limit (set MPPOOLS_LIMIT or setup(limit=...)): broker "
+                           "connections are NOT limited across uWSGI workers")
+            return None
+        limiter = mppools.configure(limit, name, **kwargs)
+        logger.info("mppools: budget %r: at most %d broker connection(s) for all %d uWSGI "
+                    "process(es) (%s, pid %d)", limiter.name, limiter.limit, processes,
+                    mode, os.getpid())
+    if _hooks_installed_in != os.getpid():
+        _hooks_installed_in = os.getpid()
+        if not in_worker:
+            _install_post_fork(server)
+            os.environ[ENV_MASTER] = str(os.getpid())
+        _install_exit_hooks(server)
+        if worker <= 1 and not _cleanup_configured(server):
+            logger.warning(
+                "mppools: uWSGI's master never runs Python's atexit, so budget %r stays in "
+                "/dev/shm after uWSGI stops; add to the uWSGI configuration: "
+                "exec-as-user-atexit = %s -m mppools.integrations.uwsgi cleanup %s",
+                limiter.name, os.path.basename(sys.executable) or "python3", limiter.name)
+    return limiter
+
+
+def _processes_with_budget_open(name: str) -> list[int]:
+    """Pids of other live processes (that this process may inspect) with the budget's
+    segment or token file open: they still use it, even holding no slot."""
+    from mppools._limiter.posix._names import shm_path, tokens_path
+
+    targets = {shm_path(name), tokens_path(name)}
+    me = os.getpid()
+    found: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if link in targets:
+                found.append(int(entry))
+                break
+    return sorted(found)
+
+
+def _ancestors() -> set[int]:
+    found: set[int] = set()
+    pid = os.getppid()
+    for _ in range(64):  # bounded: a process tree is never this deep here
+        if pid <= 1 or pid in found:
+            break
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def _exiting_master() -> set[int]:
+    """The uWSGI master that runs this cleanup as it exits (it exported its pid in
+    ``setup``), if it is one of this process's ancestors."""
+    raw = os.environ.get(ENV_MASTER, "").strip()
+    if not raw.isdigit():
+        return set()
+    pid = int(raw)
+    return {pid} if pid in _ancestors() else set()
+
+
+def cleanup(name: str | None = None) -> bool:
+    """Remove budget ``name`` (default ``MPPOOLS_NAME``) once no process uses it any more.
+
+    For uWSGI's ``exec-as-user-atexit``: the master runs it as it exits or reloads, after its
+    workers are gone. The exiting master itself (the ancestor whose pid :func:`setup`
+    exported) does not count. Refused, changing nothing, while any other live process holds
+    or waits for a slot, or has the budget open at all (found through ``/proc``: another
+    master sharing the name, a celery worker, ``mppools status --watch``): removing it under
+    them would let the next ``configure()`` create a second budget of the same name.
+    Returns True if it removed the budget, False if there was none.
+
+    Raises:
+        ConfigurationError: no name given and ``MPPOOLS_NAME`` unset.
+        BudgetInUseError: live processes still use the budget.
+    """
+    from mppools._limiter import posix
+
+    name = name or os.environ.get("MPPOOLS_NAME", "").strip() or None
+    if name is None:
+        raise ConfigurationError("cleanup needs a budget name (argument or MPPOOLS_NAME)")
+    if not posix.exists(name):
+        return False
+    exiting = _exiting_master()
+    openers = [pid for pid in _processes_with_budget_open(name) if pid not in exiting]
+    if openers:
+        raise BudgetInUseError(
+            f"budget {name!r} is still open in {len(openers)} live process(es): pids "
+            f"{', '.join(map(str, openers))}; not removed"
+        )
+    try:
+        limiter = posix.PosixLimiter.open(name, create=False)
+    except BudgetNotFoundError:
+        return False
+    try:
+        # holders and waiters in PID namespaces /proc does not show are found by their tokens
+        users = sorted(limiter.live_users() - exiting - {os.getpid()})
+        if users:
+            raise BudgetInUseError(
+                f"budget {name!r} still has slots held or awaited by {len(users)} live "
+                f"process(es): pids {', '.join(map(str, users))}; not removed"
+            )
+        limiter.unlink(force=True)  # only the exiting master may still hold slots
+    finally:
+        limiter.close()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mppools.integrations.uwsgi cleanup [NAME]``: exit 0 when the budget is
+    gone, 1 while it is in use, 2 on a bad argument."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "cleanup" or len(args) > 2:
+        print("usage: python -m mppools.integrations.uwsgi cleanup [NAME]", file=sys.stderr)
+        return 2
+    try:
+        removed = cleanup(args[1] if len(args) == 2 else None)
+    except BudgetInUseError as exc:
+        print(f"mppools: {exc}", file=sys.stderr)
+        return 1
+    except mppools.MppoolsError as exc:
+        print(f"mppools: {exc}", file=sys.stderr)
+        return 2
+    name = args[1] if len(args) == 2 else os.environ.get("MPPOOLS_NAME", "")
+    print(f"mppools: budget {name!r} {'removed' if removed else 'already gone'}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
