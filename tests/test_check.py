@@ -194,6 +194,19 @@ def test_budget_warns_on_a_different_limit_and_dead_holders(
     assert check["data"]["dead_holders"] == 1
 
 
+def test_budget_without_its_semaphore_fails_and_is_not_repaired(
+    budget_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mppools.configure(limit=2, name=budget_name)
+    sem = f"/dev/shm/sem.mppools.{budget_name}.free"
+    os.unlink(sem)
+    code, doc = _check(capsys, budget_name)
+    check = _by_name(doc)["budget"]
+    assert code == 1 and check["status"] == "fail", check
+    assert f"its semaphore {sem} is missing" in check["message"]
+    assert not os.path.exists(sem), "the check created the semaphore"
+
+
 # name squatting (a real second user) ---------------------------------------------------------
 _SQUAT = r'''
 os.umask(0)
@@ -316,6 +329,7 @@ def test_fd_limit_of_this_shell_fails_as_a_process() -> None:
 # namespaces ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("flags", "kind"), [
     (("--pid", "--fork", "--mount-proc"), "other_pid_namespace"),
+    (("--pid", "--fork"), "unknown_pid_namespace"),  # no /proc of its own: records none
     (("--net",), "other_network_namespace"),
 ])
 def test_holder_in_another_namespace_warns(
@@ -333,7 +347,9 @@ def test_holder_in_another_namespace_warns(
         ns = _by_name(doc)["namespaces"]
         assert code == 0 and ns["status"] == "warn", ns
         assert ns["data"][kind] == [f"holder pid {agent.inner_pid}"], ns
-        words = "another pid namespace" if "pid" in kind else "another network namespace"
+        words = {"other_pid_namespace": "another pid namespace",
+                 "unknown_pid_namespace": "a pid namespace this check cannot identify",
+                 "other_network_namespace": "another network namespace"}[kind]
         assert f"1 in {words}" in ns["message"]
     finally:
         agent.kill()

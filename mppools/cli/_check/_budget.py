@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from mppools._limiter._base import BudgetStats
 from mppools._limiter.posix import DEFAULT_CAPACITY, PosixLimiter
 from mppools._limiter.posix import _self as posix_self
-from mppools._limiter.posix._names import shm_path
+from mppools._limiter.posix._names import sem_path, shm_path
 from mppools._slots import WaiterState, segment_size
 from mppools.cli._common import broken_kind, open_budget
 
@@ -81,6 +81,12 @@ def look_at(name: str, planned_limit: int | None) -> BudgetLook:
                           segment_bytes=segment_size(cap, cap))
     look = BudgetLook(name, True, limit=planned_limit, segment_bytes=st.st_size,
                       allocated_bytes=st.st_blocks * 512)
+    if not os.path.lexists(sem_path(name)) and st.st_uid == os.geteuid():
+        # attaching would create the semaphore: the check never creates anything
+        look.error = (f"budget {name!r} is incomplete: its semaphore {sem_path(name)} is "
+                      f"missing; the next configure() recovers it, or run `mppools unlink "
+                      f"{name} --force`")
+        return look
     try:
         with open_budget(name) as limiter:
             stats = limiter.stats()
