@@ -289,6 +289,34 @@ def test_a_redis_budget_reports_its_hosts(budget_name: str, redis_server: Any,
     assert _families(text)
 
 
+@pytest.mark.redis
+def test_a_stopped_coordination_server_is_reported_not_raised(
+    budget_name: str, tmp_path: Path,
+) -> None:
+    from support.servers import RedisServer
+
+    with RedisServer(tmp_path / "redis") as own:
+        limiter = mppools.configure(2, name=budget_name,
+                                    backend=f"{own.url}?lease_ttl=1&fresh=1", idle_timeout=None)
+        held = limiter.acquire(timeout=5)
+        registry = _registry(MppoolsCollector([budget_name]))
+        server = str(mppools.stats().extra["server"])  # printable, never a password
+        assert f"127.0.0.1:{own.port}" in server
+        assert _value(registry, "mppools_coordination_up", budget=budget_name,
+                      server=server) == 1
+        own.stop()
+        text = generate_latest(registry).decode()  # never raises
+        extra = mppools.stats().extra
+        assert extra["coordination"] != "ok"
+        assert _value(registry, "mppools_coordination_up", budget=budget_name,
+                      server=str(extra["server"])) == 0
+        assert f"127.0.0.1:{own.port}" in str(extra["server"])
+        assert _value(registry, "mppools_slots_in_use", budget=budget_name) == 1
+        assert _value(registry, "mppools_budget_up", budget=budget_name) == 1
+        assert "mppools_host_leases_held" not in _families(text)  # nothing known now
+        limiter.release(held)
+
+
 # the CLI, with and without prometheus_client ---------------------------------------------
 def _without_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # type: ignore[arg-type]
