@@ -377,6 +377,7 @@ def check_broker_limit(look: BudgetLook, view: BrokerView) -> Check:
     if view.warning:
         status = max(status, WARN, key=_RANK.__getitem__)
         parts.append(view.warning)
+    parts.extend(view.notes)
     return Check("broker-limit", status, f"{view.kind} at {view.address}: " + "; ".join(parts),
                  data)
 

@@ -56,6 +56,8 @@ class BrokerView:
     peers: list[tuple[str, int]] | None = None
     error: str | None = None
     warning: str | None = None
+    #: what could not be asked but did not matter (the figures came another way)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -124,10 +126,10 @@ def _query_redis(url: str, host: str, port: int, timeout: float) -> BrokerView:
             maxclients = int(answer.get("maxclients") or -1)
         except redis.exceptions.ResponseError as exc:  # CONFIG renamed or not allowed
             info = _safe_info(client)
+            notes.append(f"config get maxclients refused ({_one_line(exc)})")
             if "maxclients" in info:
                 maxclients = int(info["maxclients"])
-            else:
-                notes.append(f"config get maxclients refused ({_one_line(exc)})")
+                notes[-1] += ", read from info clients"
         connected: int | None
         try:
             clients = client.client_list()
@@ -138,12 +140,13 @@ def _query_redis(url: str, host: str, port: int, timeout: float) -> BrokerView:
             info = _safe_info(client)
             connected = int(info["connected_clients"]) - 1 if "connected_clients" in info \
                 else None
-            notes.append(f"client list refused ({_one_line(exc)})")
+            notes.append(f"client list refused ({_one_line(exc)}), the client count read "
+                         "from info clients")
         if maxclients is None or maxclients < 0:
             view.warning = "; ".join(notes) or "redis did not say its maxclients"
             maxclients = None
-        elif notes:
-            view.warning = "; ".join(notes)
+        else:
+            view.notes.extend(notes)
         view.caps.append(BrokerCap("redis maxclients", maxclients, connected))
         return view
     except (redis.exceptions.RedisError, OSError) as exc:
