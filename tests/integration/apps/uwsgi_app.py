@@ -6,12 +6,14 @@ Environment: ITEST_BROKER_URL (Redis, through the counting proxy), ITEST_QUEUE,
 ITEST_SETUP (``integration``: :func:`mppools.integrations.uwsgi.setup`; ``configure``: a
 plain :func:`mppools.configure`, what an app does without the integration), MPPOOLS_LIMIT /
 MPPOOLS_NAME / MPPOOLS_ACQUIRE_TIMEOUT, ITEST_WARMUP (``1``: publish once while the module
-is imported, so that a preforking master holds a pooled connection when uWSGI forks).
+is imported, so that a preforking master holds a pooled connection when uWSGI forks),
+ITEST_READY (a file: the pid of every process that loaded the app is appended to it).
 
 Endpoints:
 
 ``/pid``
-    ``pid <pid> epoch <fork epoch> pooled <connections in this process's pools>``.
+    ``pid <pid> epoch <fork epoch> pooled <open connections in this process's pools>
+    creator <pid of the budget's creator>``.
 ``/hold?id=ID``
     Takes a producer (a broker connection, a slot), publishes ``ID``, sends the line
     ``held <pid>`` at once, then keeps the connection until the client sends one byte of the
@@ -46,6 +48,7 @@ elif SETUP == "configure":
                       acquire_timeout=float(os.environ.get("MPPOOLS_ACQUIRE_TIMEOUT", "10")))
 
 CONNECTION = Connection(URL, connect_timeout=5)
+READY = os.environ.get("ITEST_READY")
 
 
 def _publish(producer: Any, rid: str) -> None:
@@ -56,6 +59,12 @@ def _publish(producer: Any, rid: str) -> None:
 if os.environ.get("ITEST_WARMUP") == "1":
     with mppools.producers[CONNECTION].acquire(block=True, timeout=10) as _warm:
         _publish(_warm, "warmup")
+
+
+if READY:  # one line per process that loaded the app (the master, or each lazy worker)
+    _fd = os.open(READY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(_fd, f"{os.getpid()}\n".encode())
+    os.close(_fd)
 
 
 def _pooled() -> int:
@@ -90,7 +99,10 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
                 _publish(producer, rid)
             body = f"ok {os.getpid()}"
         else:
-            body = f"pid {os.getpid()} epoch {_fork.current_epoch()} pooled {_pooled()}"
+            limiter = mppools._config.current()
+            creator = limiter.stats().creator_pid if limiter is not None else 0
+            body = (f"pid {os.getpid()} epoch {_fork.current_epoch()} pooled {_pooled()} "
+                    f"creator {creator}")
     except Exception as exc:
         start_response("500 Internal Server Error", headers)
         return [f"error {os.getpid()} {type(exc).__name__}: {exc}".encode()]
