@@ -469,3 +469,32 @@ def test_a_host_whose_leases_lapse_while_the_server_is_stopped_fences_in_time(
     print(f"\n{intervals} holdings on two hosts, at most {peak} at once (limit {limit})")
     assert peak <= limit, f"{peak} holders at once with limit {limit}"
     assert int(a.call("stats").split()[4]) != -1  # a fenced
+
+
+def test_an_idle_lease_keeper_sleeps_and_a_waiter_wakes_it(redis_server: Any,
+                                                          budget_name: str) -> None:
+    # the lease keeper used to look for local waiters 200 times a second; now it sleeps
+    # until something is due (a renewal, a look at the other hosts while it holds leases,
+    # at most 1 s) and a process that finds no free slot pokes it
+    from mppools._limiter.redis import LeaseClient
+
+    other = LeaseClient(redis_server.url, budget_name, "other-host", ttl=TTL, limit=1,
+                        fresh=True)
+    try:
+        assert other.acquire(1, timeout=5) == 1  # the only lease: this host gets none
+        limiter = mppools.configure(1, name=budget_name, backend=_spec(redis_server),
+                                    idle_timeout=None)
+        assert limiter.stats().extra["leases_held"] == 0
+        before = limiter.stats().extra["keeper_wakes"]
+        time.sleep(1.0)
+        wakes = limiter.stats().extra["keeper_wakes"] - before
+        assert isinstance(wakes, int) and wakes <= 5, f"{wakes} wake-ups in 1 s while idle"
+        other.release(1)  # a free lease on the server; this host's keeper sleeps on
+        t0 = time.monotonic()
+        slot = limiter.acquire(timeout=5)
+        took = time.monotonic() - t0
+        print(f"\nidle lease keeper: {wakes} wake-ups in 1 s; a waiter's poke had a lease "
+              f"borrowed in {took * 1000:.1f} ms")
+        limiter.release(slot)
+    finally:
+        other.close()

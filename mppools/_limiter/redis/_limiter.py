@@ -45,8 +45,13 @@ Not fenced at all: a host whose master died while its workers live (nobody renew
 fences: gunicorn and celery stop their workers when the master dies; the leases expire one
 TTL after the master's last renewal and other hosts may then take them).
 
-Borrowing latency: a local waiter is noticed by the lease keeper within one poll
-(:data:`POLL`), then one Redis round trip (more if other hosts are ahead in the queue).
+Wake-ups: the lease keeper sleeps until its next renewal, its next look at the other hosts
+(:data:`CHECK_EVERY`, only while it holds leases) or its fencing time, at most :data:`IDLE_WAKE`.
+A process of the host that finds no free local slot pokes it first (a datagram to the path
+socket ``r-leases`` in the budget's 0700 directory) and then waits; the lease keeper then
+looks for local waiters every :data:`POLL` for as long as any wait (and :data:`EAGER` after a
+poke, for the waiter to register). Borrowing latency: a poke, then one Redis round trip (more
+if other hosts are ahead in the queue).
 
 The backend spec is a redis-py URL (``redis://``, ``rediss://``, ``unix://``) or
 ``redis+sentinel://host:port[,host:port]/service[/db]``; two query parameters are mppools'
@@ -60,6 +65,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -83,7 +90,8 @@ from mppools._limiter._base import (
 from mppools._limiter.posix import DEFAULT_CAPACITY, PosixLimiter
 from mppools._limiter.posix import default_name as posix_default_name
 from mppools._limiter.posix import validate_name as posix_validate_name
-from mppools._validate import MAX_CAPACITY, check_limit
+from mppools._limiter.posix._names import rendezvous_dir
+from mppools._validate import MAX_CAPACITY, check_limit, check_wait_timeout
 
 from . import _names
 from ._lease import LeaseClient
@@ -94,8 +102,14 @@ logger = logging.getLogger("mppools")
 
 #: the URL schemes of the redis backend
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
-#: how often the lease keeper looks for local waiters (seconds)
+#: how often the lease keeper looks for local waiters while any wait (seconds)
 POLL = 0.005
+#: how long the lease keeper keeps looking every POLL after a poke (seconds)
+EAGER = 0.25
+#: the longest the lease keeper sleeps when nothing is due (seconds)
+IDLE_WAKE = 1.0
+#: the lease keeper's wake-up socket, in the local budget's rendezvous directory
+WAKE_SOCKET = "r-leases"
 #: how often the lease keeper looks at other hosts' queue to give back free leases (seconds)
 CHECK_EVERY = 0.1
 #: how long one borrowing attempt of the lease keeper may wait in the queue (seconds)
@@ -173,6 +187,13 @@ class RedisLimiter(Limiter):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: the master's wake-up socket (bound), and this process's socket to poke it
+        self._wake: socket.socket | None = None
+        self._poker: socket.socket | None = None
+        self._poker_pid = 0
+        self.pokes = 0
+        #: how many times the lease keeper woke up (a poke, something due, or a poll)
+        self.wakes = 0
         #: when the lease keeper last got a lease granted (monotonic; hosts take turns)
         self._granted_at = 0.0
         #: how many times, and when last (monotonic), the lease keeper fenced this host
@@ -254,17 +275,83 @@ class RedisLimiter(Limiter):
     def _is_master(self) -> bool:
         return self._lease is not None and os.getpid() == self._master_pid and not self._closed
 
+    def _wake_path(self) -> str:
+        return f"{rendezvous_dir(self.name)}/{WAKE_SOCKET}"
+
     def _start(self) -> None:
+        path = self._wake_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a dead master's
+            sock.bind(path)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()  # no wake-ups: the lease keeper looks every POLL instead
+            logger.warning("mppools: budget %r: no wake-up socket at %s, polling", self.name,
+                           path)
+        else:
+            self._wake = sock
         self._thread = threading.Thread(target=self._run, name=f"mppools-leases-{self.name}",
                                         daemon=True)
         self._thread.start()
+
+    def _poke(self) -> None:
+        """Tell this host's lease keeper that a process is about to wait (best effort)."""
+        pid = os.getpid()
+        if self._poker is None or self._poker_pid != pid:
+            self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._poker.setblocking(False)
+            self._poker_pid = pid
+        with contextlib.suppress(OSError):
+            self._poker.sendto(b"w", self._wake_path())
+            self.pokes += 1
+
+    def _sleep(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a poke; True if poked."""
+        sock = self._wake
+        if sock is None:
+            self._stop.wait(min(timeout, POLL))
+            return False
+        try:
+            ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):  # closed meanwhile
+            self._stop.wait(min(timeout, POLL))
+            return False
+        if not ready:
+            return False
+        with contextlib.suppress(OSError):
+            for _ in range(1024):  # drain
+                sock.recv(16)
+        return True
+
+    def _next_wake(self, now: float, next_renew: float, next_check: float,
+                   eager_until: float) -> float:
+        """Seconds the lease keeper may sleep."""
+        lease = self._lease
+        assert lease is not None
+        if now < eager_until or (self._local.waiting_flag() and not self._local.in_debt()):
+            return POLL
+        due = min(next_renew, now + IDLE_WAKE)
+        if lease.held:
+            due = min(due, next_check)
+            if lease.deadline is not None:
+                due = min(due, lease.deadline - lease.op_timeout - BORROW_WAIT - 2 * POLL)
+        return max(0.0, due - now)
 
     def _run(self) -> None:
         lease = self._lease
         assert lease is not None
         next_renew = time.monotonic() + self._ttl / 3
         next_check = 0.0
-        while not self._stop.wait(POLL):
+        eager_until = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._sleep(self._next_wake(now, next_renew, next_check, eager_until)):
+                eager_until = time.monotonic() + EAGER
+            self.wakes += 1
+            if self._stop.is_set():
+                return
             try:
                 with self._lock:
                     if self._closed:
@@ -434,8 +521,16 @@ class RedisLimiter(Limiter):
         return tuple(out)
 
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
+        timeout = check_wait_timeout(timeout)
         try:
-            slot = self._local.acquire(block=block, timeout=timeout)
+            if not block or timeout == 0:
+                slot = self._local.acquire(block=block, timeout=timeout)
+            else:
+                try:
+                    slot = self._local.acquire(block=False)
+                except LimitExceeded:
+                    self._poke()  # no free local slot: the lease keeper may borrow one
+                    slot = self._local.acquire(block=True, timeout=timeout)
         except LimitExceeded as exc:
             raise self._exceeded(exc, block=block) from None
         if self._plug_pid and not self._is_master() and not _alive(self._plug_pid):
@@ -601,7 +696,7 @@ class RedisLimiter(Limiter):
             extra.update(host_id=self._lease.host_id, leases_held=self._lease.held,
                          deadline_in=None if self._lease.deadline is None
                          else self._lease.deadline - time.monotonic(), fences=self.fences,
-                         fenced_at=self.fenced_at)
+                         fenced_at=self.fenced_at, keeper_wakes=self.wakes)
         return BudgetStats(
             name=self.name, backend=self.backend, host=local.host, limit=limit,
             in_use=in_use, free=max(local_limit - in_use, 0) + unleased,
@@ -625,6 +720,10 @@ class RedisLimiter(Limiter):
 
     def after_fork_in_child(self) -> None:
         # the lease keeper thread and the master's lease client stay the parent's
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                self._wake.close()  # our copy only: the parent's stays bound
+            self._wake = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
@@ -640,7 +739,17 @@ class RedisLimiter(Limiter):
         self._stop.set()
         thread = self._thread
         if master and thread is not None and thread is not threading.current_thread():
+            self._poke()
             thread.join(5)
+        if master and self._wake is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._wake_path())  # one master per budget and host: ours
+            with contextlib.suppress(OSError):
+                self._wake.close()
+            self._wake = None
+        if self._poker is not None and self._poker_pid == os.getpid():
+            self._poker.close()
+        self._poker = None
         with self._lock:
             self._closed = True
             if master:
