@@ -552,6 +552,17 @@ def test_rabbitmq_vhost_limit(
     code, doc = _check(capsys, *args)
     limit = _by_name(doc)["broker-limit"]
     assert limit["status"] == "ok" and "max-connections: no limit" in limit["message"], limit
+    # the user's own cap counts too (here the vhost has none)
+    rabbit.ctl("set_user_limits", "guest", json.dumps({"max-connections": 1}))
+    try:
+        code, doc = _check(capsys, *args)
+    finally:
+        rabbit.ctl("set_user_limits", "guest", json.dumps({"max-connections": -1}))
+    limit = _by_name(doc)["broker-limit"]
+    assert code == 1 and limit["status"] == "fail", limit
+    assert "budget limit 2 is above user 'guest' max-connections 1" in limit["message"]
+    assert [c["source"] for c in limit["data"]["caps"]] == [
+        "vhost 'capped' max-connections", "user 'guest' max-connections"]
 
 
 @pytest.mark.rabbitmq
