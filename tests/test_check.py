@@ -181,6 +181,14 @@ def test_strict_and_usage_errors(budget_name: str, capsys: pytest.CaptureFixture
     assert "invalid budget name" in capsys.readouterr().err
 
 
+def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "mppools check web --broker" in out
+    assert main(["--help"]) == 0
+    assert "check     preflight" in capsys.readouterr().out
+
+
 # budget --------------------------------------------------------------------------------------
 def test_budget_warns_on_a_different_limit_and_dead_holders(
     budget_name: str, workers: list[Worker], capsys: pytest.CaptureFixture[str]

@@ -267,8 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mppools`` command with ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 when the demo saw the limit exceeded, 2 for a user
-        mistake (one line on stderr), 130 when interrupted.
+        The exit status: 0 on success, 1 when the demo saw the limit exceeded or a check
+        failed, 2 for a user mistake (one line on stderr), 130 when interrupted.
     """
     parser = build_parser()
     try:
