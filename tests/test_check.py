@@ -374,12 +374,22 @@ def small_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
         yield server
 
 
+def _wait_clients(server: RedisServer, count: int) -> None:
+    """Until redis lists ``count`` clients (a closed one of an earlier test may linger a
+    moment), bounded."""
+    deadline = time.monotonic() + 10
+    while server.client_count() != count:
+        assert time.monotonic() < deadline, f"redis lists {server.client_list()}"
+        time.sleep(0.05)
+
+
 def test_redis_limit_fits_and_every_connection_is_the_budgets(
     budget_name: str, small_redis: RedisServer, workers: list[Worker],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     mppools.configure(limit=3, name=budget_name)
     pid = _worker(workers, use=_use_pooled).call("use", small_redis.url)
+    _wait_clients(small_redis, 1)
     code, doc = _check(capsys, budget_name, "--broker", small_redis.url)
     assert [c["name"] for c in doc["checks"]] == ALL_CHECKS + BROKER_CHECKS
     checks = _by_name(doc)
@@ -413,7 +423,7 @@ def test_redis_unmanaged_connections_warn(
     mppools.configure(limit=6, name=budget_name)
     _worker(workers, use=_use_pooled).call("use", small_redis.url)
     rogue = _worker(workers, raw=_open_raw).call("raw", "127.0.0.1", small_redis.port, 2)
-    small_redis.command("PING")  # the 2 raw connections are registered clients by now
+    _wait_clients(small_redis, 3)
     code, doc = _check(capsys, budget_name, "--broker", small_redis.url)
     checks = _by_name(doc)
     unmanaged = checks["unmanaged-connections"]
@@ -426,7 +436,7 @@ def test_redis_unmanaged_connections_warn(
     limit = checks["broker-limit"]
     assert limit["status"] == "ok" and "0 spare when full" in limit["message"], limit
     _worker(workers, raw=_open_raw).call("raw", "127.0.0.1", small_redis.port, 1)
-    small_redis.command("PING")
+    _wait_clients(small_redis, 4)
     code, doc = _check(capsys, budget_name, "--broker", small_redis.url)
     limit = _by_name(doc)["broker-limit"]
     assert code == 0 and limit["status"] == "warn", limit
