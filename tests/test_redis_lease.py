@@ -522,3 +522,25 @@ def test_a_grant_whose_answer_was_lost_is_given_back(redis_server: RedisServer,
     assert a.stats().in_use == 3
     assert a.renew() is not None
     assert (a.held, a.stats().in_use) == (1, 1)
+
+
+def test_one_try_waits_for_the_answer_of_a_slow_but_healthy_server(
+        private_redis: RedisServer) -> None:
+    # acquire(timeout=0) is one try: it used to wait 1 ms for the answer, so a server that
+    # answered in 50 ms (busy, a loaded machine) was reported failed (CoordinationError:
+    # fail closed on a healthy server) and the grant it made was left to reconciliation
+    import threading
+
+    a, = hosts(private_redis.url, "slow", 1, ttl=3.0, limit=2, fresh=True)
+    a.join()
+    spin = ("local t = redis.call('TIME') local e = t[1] * 1e6 + t[2] + 50000 "
+            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= e return 1")
+    busy = threading.Thread(target=private_redis.command, args=("EVAL", spin, "0"))
+    busy.start()
+    time.sleep(0.01)  # the server is asleep now, for about 40 ms more
+    try:
+        assert a.acquire(1, timeout=0) == 1
+    finally:
+        busy.join()
+    assert a.held == 1
+    a.close()

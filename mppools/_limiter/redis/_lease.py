@@ -507,15 +507,19 @@ class LeaseClient:
                                      f"{timeout!r}")
         start = time.monotonic()
         deadline = start + wait
-        got, delay = 0, _POLL_MIN
+        got, delay, first = 0, _POLL_MIN, True
         status, limit = S.OK, self._limit
         failure: CoordinationError | None = None
         while True:
             left = deadline - time.monotonic()
+            # the first try may always wait one op_timeout for its answer: a short or zero
+            # timeout bounds the waiting in the queue, not the round trip (a healthy but
+            # slow server is not a failed one)
+            call = self.op_timeout if first else max(0.001, min(self.op_timeout, left))
+            first = False
             try:
                 with self._lock:
-                    granted, status, limit = self._acquire_once(
-                        n - got, partial, max(0.001, min(self.op_timeout, left)))
+                    granted, status, limit = self._acquire_once(n - got, partial, call)
                 failure = None
             except CoordinationError as exc:
                 granted, failure = 0, exc
