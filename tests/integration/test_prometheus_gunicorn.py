@@ -189,9 +189,13 @@ def _check_against_stats(samples: Samples, budget: str, stats: BudgetStats) -> N
 
 
 def _scenario(tmp_path: Path, redis_server: RedisServer, budget: str,
-              release_socket: tuple[str, socket.socket], **extra_env: str) -> dict[str, Any]:
-    """Start the app, hold two slots, scrape at each step; return what the checks need."""
+              release_socket: tuple[str, socket.socket], multiproc: Path | None = None
+              ) -> dict[str, Any]:
+    """Start the app, hold two slots, scrape at each step; return what the checks need
+    (``multiproc``: prometheus_client's multiprocess mode, with this directory)."""
     path, listener = release_socket
+    extra_env = ({} if multiproc is None else
+                 {"ITEST_MULTIPROC": "1", "PROMETHEUS_MULTIPROC_DIR": str(multiproc)})
     env = base_env(ITEST_BROKER_URL=redis_server.url, ITEST_RELEASE_SOCK=path,
                    MPPOOLS_LIMIT=str(LIMIT), MPPOOLS_NAME=budget,
                    MPPOOLS_IDLE_TIMEOUT="none", MPPOOLS_ACQUIRE_TIMEOUT="10", **extra_env)
@@ -200,6 +204,15 @@ def _scenario(tmp_path: Path, redis_server: RedisServer, budget: str,
     steps: list[tuple[Samples, BudgetStats, str, str]] = []
     try:
         server.wait_ready()
+        if multiproc is not None:
+            # every worker has imported the app, so made its counter's file: a scrape that
+            # reads a file at the instant its worker creates it (0 bytes) fails in
+            # MultiProcessCollector (prometheus/client_python#1199), not in mppools
+            def files_ready() -> bool:
+                return all((multiproc / f"counter_{pid}.db").is_file()
+                           and (multiproc / f"counter_{pid}.db").stat().st_size > 0
+                           for pid in child_pids(server.proc.pid))
+            assert wait_until(files_ready, 30, 0.05), server.log_tail()
         mppools.attach(budget)  # read-only: stats(); takes no slot
 
         def step() -> None:
@@ -279,8 +292,7 @@ def test_gunicorn_metrics_in_multiprocess_mode(
 ) -> None:
     multiproc = tmp_path / "prometheus-multiproc"
     multiproc.mkdir()
-    out = _scenario(tmp_path, redis_server, budget_name, release_socket, ITEST_MULTIPROC="1",
-                    PROMETHEUS_MULTIPROC_DIR=str(multiproc))
+    out = _scenario(tmp_path, redis_server, budget_name, release_socket, multiproc)
     _check_steps(out, budget_name)  # once each (no duplicated series), the budget's values
     samples = out["steps"][-1][0]
     # the app's own counter is summed over every worker's file: multiprocess mode is on
