@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -364,6 +365,60 @@ def test_holder_in_another_namespace_warns(
         assert f"1 in {words}" in ns["message"]
     finally:
         agent.kill()
+
+
+_NESTED_HOLDER = r'''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import mppools
+from kombu import Connection
+mppools.attach(sys.argv[2])
+conn = mppools.connections[Connection(sys.argv[3])].acquire(block=True, timeout=10)
+conn.default_channel.client.ping()
+print("READY", os.getpid(), flush=True)
+sys.stdin.readline()
+os._exit(0)
+'''
+
+
+def test_connections_of_a_holder_in_a_nested_pid_namespace_are_its_slots(
+    budget_name: str, redis_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A container started from this host (a nested PID namespace, same network) records pid
+    1 of its own namespace; its connection shows up here under its host pid, and is matched
+    to its slot by namespace, innermost pid and start time: not reported as unmanaged."""
+    flags = ("--pid", "--fork", "--mount-proc")
+    reason = unshare_unavailable(*flags)
+    if reason is not None:
+        pytest.skip(reason)
+    mppools.configure(limit=2, name=budget_name)
+    proc = subprocess.Popen(
+        ["unshare", *flags, sys.executable, "-c", _NESTED_HOLDER, str(REPO), budget_name,
+         redis_server.url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline() if ready else ""
+        assert line.split() == ["READY", "1"], line
+        code, doc = _check(capsys, budget_name, "--broker", redis_server.url)
+        checks = _by_name(doc)
+        assert code == 0, doc  # the namespace is a warning, not a failure
+        assert checks["namespaces"]["data"]["other_pid_namespace"] == ["holder pid 1"]
+        unmanaged = checks["unmanaged-connections"]
+        assert unmanaged["status"] == "ok", unmanaged
+        assert (unmanaged["data"]["connections"], unmanaged["data"]["unmanaged"]) == (1, 0)
+        assert "(1 held by its holders seen here)" in unmanaged["message"]
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # redis ---------------------------------------------------------------------------------------

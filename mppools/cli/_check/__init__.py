@@ -15,7 +15,7 @@ import pwd
 import stat
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -37,6 +37,7 @@ from ._brokers import BrokerView, endpoints_of, parse_broker, query_broker
 from ._budget import BudgetLook, User, look_at
 from ._proc import (
     fd_soft_limit,
+    innermost_pid,
     namespace_inode,
     pids_of_inodes,
     proc_fd_soft_limit,
@@ -117,6 +118,31 @@ def _visible(user: User) -> bool:
         return False
     ident = identity_of(user.pid)
     return ident is not None and ident.start == user.start
+
+
+def _slots_by_pid(users: list[User], pids: Iterable[int]) -> dict[int, int]:
+    """Slots held by each process, keyed by its pid in this PID namespace: the holders that
+    recorded our namespace, and holders of a nested namespace (a container started from
+    here) found among ``pids`` by their namespace, innermost pid and start time."""
+    slots: dict[int, int] = {}
+    nested: dict[tuple[int, int, int], User] = {}
+    for user in users:
+        if user.role != "holder":
+            continue
+        if _visible(user):
+            slots[user.pid] = slots.get(user.pid, 0) + user.slots
+        elif user.pidns and user.start:
+            nested[(user.pidns, user.pid, user.start)] = user
+    for pid in pids:
+        if not nested or pid in slots or pid <= 0:
+            continue
+        ns, inner, ident = namespace_inode(pid, "pid"), innermost_pid(pid), identity_of(pid)
+        if ns is None or inner is None or ident is None:
+            continue
+        found = nested.pop((ns, inner, ident.start), None)
+        if found is not None:
+            slots[pid] = found.slots
+    return slots
 
 
 def _skipped(name: str, look: BudgetLook) -> Check:
@@ -399,7 +425,7 @@ def check_unmanaged(look: BudgetLook, view: BrokerView, broker: str) -> Check:
     pid_of = pids_of_inodes({s.inode for s in mine}, euid)
     # this check's own broker connection is closed by now: nothing of ours to leave out
     per_pid: Counter[int] = Counter(pid_of.get(s.inode, 0) for s in mine)
-    slots = {u.pid: u.slots for u in look.users if u.role == "holder" and _visible(u)}
+    slots = _slots_by_pid(look.users, per_pid)
     extra = {pid: n - slots.get(pid, 0) for pid, n in per_pid.items()
              if n > slots.get(pid, 0)}
     total = sum(per_pid.values())
@@ -433,7 +459,7 @@ def check_unmanaged(look: BudgetLook, view: BrokerView, broker: str) -> Check:
             f"the budget{tail}"), data)
     return Check("unmanaged-connections", OK, (
         f"all {total} connections {where} are within the slots of budget {look.name!r} "
-        f"({sum(slots.values())} held by its holders in this namespace){tail}"), data)
+        f"({sum(slots.values())} held by its holders seen here){tail}"), data)
 
 
 # running -----------------------------------------------------------------------------------

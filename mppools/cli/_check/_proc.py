@@ -17,6 +17,7 @@ from dataclasses import dataclass
 __all__ = [
     "TcpSocket",
     "fd_soft_limit",
+    "innermost_pid",
     "namespace_inode",
     "pids_of_inodes",
     "proc_fd_soft_limit",
@@ -114,6 +115,18 @@ def namespace_inode(pid: int | str, kind: str) -> int | None:
         return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
     except OSError:
         return None
+
+
+def innermost_pid(pid: int) -> int | None:
+    """The pid that process ``pid`` (of this PID namespace) has in its own, innermost PID
+    namespace (the last ``NSpid`` of ``/proc/PID/status``); None if unreadable."""
+    with contextlib.suppress(OSError, ValueError), open(
+        f"/proc/{pid}/status", encoding="ascii", errors="replace"
+    ) as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return None
 
 
 def fd_soft_limit() -> int | None:
