@@ -230,7 +230,13 @@ def _cross_host(ok: bool) -> BudgetStats:
                                 "server": "127.0.0.1:6390"}
     if ok:
         extra.update(generation="g-2", leases_in_use=3, hosts=(("a", 2, 1.5), ("b", 1, 0.25)),
-                     waiting_hosts=("b", "c"))
+                     waiting_hosts=("b", "c"), rtt=0.0004,
+                     host_details=(
+                         {"host": "a", "held": 2, "expires_in": 1.5, "in_use": 2, "idle": 1,
+                          "waiting": 0, "reported_ago": 0.5, "waits_for_leases": False},
+                         {"host": "b", "held": 1, "expires_in": 0.25, "in_use": None,
+                          "idle": None, "waiting": None, "reported_ago": None,
+                          "waits_for_leases": True}))
     return _snapshot(name="fleet" if ok else "fleet-down", backend="redis", extra=extra)
 
 
@@ -255,6 +261,14 @@ def test_cross_host_figures_of_a_redis_snapshot() -> None:
     waiting = dict(families["mppools_host_waiting"].samples)
     assert waiting == {("fleet", "a"): 0.0, ("fleet", "b"): 1.0, ("fleet", "c"): 1.0}
     assert samples["mppools_leases_in_use", ("fleet",)] == 3
+    assert samples["mppools_coordination_round_trip_seconds", ("fleet", "127.0.0.1:6390")] == (
+        0.0004)
+    # what each host reported of itself; nothing for a host that has not reported yet
+    assert samples["mppools_host_slots_in_use", ("fleet", "a")] == 2
+    assert samples["mppools_host_slots_idle", ("fleet", "a")] == 1
+    assert samples["mppools_host_waiters", ("fleet", "a")] == 0
+    assert samples["mppools_host_report_age_seconds", ("fleet", "a")] == 0.5
+    assert ("mppools_host_slots_in_use", ("fleet", "b")) not in samples
     assert "mppools_budget_generation" not in families  # a redis generation is no number
 
 

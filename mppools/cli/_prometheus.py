@@ -95,6 +95,18 @@ _HOST_HELD = ("mppools_host_leases_held", "Slots leased to one host.")
 _HOST_EXPIRY = ("mppools_host_lease_expiry_seconds",
                 "Seconds until the leases of one host expire unless renewed.")
 _HOST_WAITING = ("mppools_host_waiting", "Whether one host waits for a lease now (1) or not.")
+#: what each host last reported of itself (``extra["host_details"]``, where the backend has it)
+_HOST_IN_USE = ("mppools_host_slots_in_use", "Slots in use on one host, as it last reported.")
+_HOST_IDLE = ("mppools_host_slots_idle",
+              "Slots held by idle connections on one host, as it last reported.")
+_HOST_WAITERS = ("mppools_host_waiters",
+                 "Processes waiting for a slot on one host, as it last reported.")
+_HOST_REPORT_AGE = ("mppools_host_report_age_seconds",
+                    "How long ago one host last reported its figures.")
+_ROUND_TRIP = ("mppools_coordination_round_trip_seconds",
+               "The round trip to the coordination server at the last look.")
+_PER_HOST_DETAILS = ((_HOST_IN_USE, "in_use"), (_HOST_IDLE, "idle"),
+                     (_HOST_WAITERS, "waiting"), (_HOST_REPORT_AGE, "reported_ago"))
 #: per-holder metrics (only with ``per_holder``)
 _HOLDER_SLOTS = ("mppools_holder_slots",
                  "Slots held by one process, by state (idle in a local pool, or busy).")
@@ -126,10 +138,14 @@ def budget_families(
     reported for it). ``mppools_budget_damaged`` is reported only when ``damage`` (what is
     damaged in each budget's tables, by name, as ``mppools status`` lists it) is given.
     Cross-host figures (``extra["coordination"]``, ``["hosts"]``, ...) of a redis-backend
-    snapshot add ``mppools_coordination_up{server}``, ``mppools_leases_in_use`` and, per
-    host, ``mppools_host_leases_held``, ``mppools_host_lease_expiry_seconds`` and
-    ``mppools_host_waiting``. With ``per_holder``, ``mppools_holder_slots{host, pid, state}``
-    and ``mppools_holder_held_seconds{host, pid}`` have one series per holder process
+    snapshot add ``mppools_coordination_up{server}``, ``mppools_leases_in_use``,
+    ``mppools_coordination_round_trip_seconds{server}`` and, per host,
+    ``mppools_host_leases_held``, ``mppools_host_lease_expiry_seconds``,
+    ``mppools_host_waiting``, and where the hosts report them (``extra["host_details"]``)
+    ``mppools_host_slots_in_use``, ``mppools_host_slots_idle``, ``mppools_host_waiters`` and
+    ``mppools_host_report_age_seconds``. With ``per_holder``,
+    ``mppools_holder_slots{host, pid, state}`` and ``mppools_holder_held_seconds{host, pid}``
+    have one series per holder process
     (their number grows with the processes: keep it off where cardinality matters).
     A family with no samples is left out, except the budget-level families of the snapshots.
     """
@@ -180,12 +196,24 @@ def _cross_host(stats: list[BudgetStats], add: Callable[..., None]) -> None:
     held: list[tuple[tuple[str, ...], float]] = []
     expiry: list[tuple[tuple[str, ...], float]] = []
     waiting: list[tuple[tuple[str, ...], float]] = []
+    round_trip: list[tuple[tuple[str, ...], float]] = []
+    details: dict[str, list[tuple[tuple[str, ...], float]]] = {
+        key: [] for _, key in _PER_HOST_DETAILS}
     for s in stats:
         state = s.extra.get("coordination")
         if state is None:
             continue
-        coordination.append(((s.name, str(s.extra.get("server", ""))),
-                             1.0 if state == "ok" else 0.0))
+        server = str(s.extra.get("server", ""))
+        coordination.append(((s.name, server), 1.0 if state == "ok" else 0.0))
+        if state == "ok" and (rtt := _number(s.extra.get("rtt"))) is not None:
+            round_trip.append(((s.name, server), rtt))
+        reported = s.extra.get("host_details") if state == "ok" else None
+        for detail in reported if isinstance(reported, tuple | list) else ():
+            if not isinstance(detail, dict) or "host" not in detail:
+                continue
+            for _, key in _PER_HOST_DETAILS:
+                if (value := _number(detail.get(key))) is not None:
+                    details[key].append(((s.name, str(detail["host"])), value))
         if (in_use := _number(s.extra.get("leases_in_use"))) is not None:
             leases.append(((s.name,), in_use))
         hosts = s.extra.get("hosts")
@@ -211,6 +239,9 @@ def _cross_host(stats: list[BudgetStats], add: Callable[..., None]) -> None:
     add(_HOST_HELD[0], "gauge", _HOST_HELD[1], ("budget", "host"), held)
     add(_HOST_EXPIRY[0], "gauge", _HOST_EXPIRY[1], ("budget", "host"), expiry)
     add(_HOST_WAITING[0], "gauge", _HOST_WAITING[1], ("budget", "host"), waiting)
+    for (name, text), key in _PER_HOST_DETAILS:
+        add(name, "gauge", text, ("budget", "host"), details[key])
+    add(_ROUND_TRIP[0], "gauge", _ROUND_TRIP[1], ("budget", "server"), round_trip)
 
 
 def metric_names(*, per_holder: bool = True) -> list[tuple[str, Literal["gauge", "counter"],
@@ -222,7 +253,9 @@ def metric_names(*, per_holder: bool = True) -> list[tuple[str, Literal["gauge",
         *((n, k, t) for n, k, t, _ in _BUDGET),
         (_YIELDS[0], "counter", _YIELDS[1]), (_GENERATION[0], "gauge", _GENERATION[1]),
         *((n, "gauge", t) for n, t in (_COORDINATION_UP, _LEASES_IN_USE, _HOST_HELD,
-                                       _HOST_EXPIRY, _HOST_WAITING)),
+                                       _HOST_EXPIRY, _HOST_WAITING, _HOST_IN_USE,
+                                       _HOST_IDLE, _HOST_WAITERS, _HOST_REPORT_AGE,
+                                       _ROUND_TRIP)),
     ]
     if per_holder:
         names += [(n, "gauge", t) for n, t in (_HOLDER_SLOTS, _HOLDER_HELD)]

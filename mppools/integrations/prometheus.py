@@ -32,8 +32,11 @@ label):
   ``mppools_acquire_timeouts_total`` (and ``mppools_yields_total`` where the backend counts
   yields);
 * across hosts (redis backend): ``mppools_coordination_up{server}``,
-  ``mppools_leases_in_use``, and per host ``mppools_host_leases_held{host}``,
-  ``mppools_host_lease_expiry_seconds{host}``, ``mppools_host_waiting{host}``;
+  ``mppools_coordination_round_trip_seconds{server}``, ``mppools_leases_in_use``, and per
+  host ``mppools_host_leases_held{host}``, ``mppools_host_lease_expiry_seconds{host}``,
+  ``mppools_host_waiting{host}`` and, where the hosts report them,
+  ``mppools_host_slots_in_use{host}``, ``mppools_host_slots_idle{host}``,
+  ``mppools_host_waiters{host}``, ``mppools_host_report_age_seconds{host}``;
 * with ``per_holder=True`` only (one series per process: unbounded over time):
   ``mppools_holder_slots{host, pid, state}`` and ``mppools_holder_held_seconds{host, pid}``.
 
