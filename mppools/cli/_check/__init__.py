@@ -345,7 +345,7 @@ def check_namespaces(look: BudgetLook) -> Check:
         parts.append(
             f"{len(other_pid)} in another pid namespace ({', '.join(other_pid)}): those pids "
             "are their namespace's, not this host's (so are the pids `mppools status` shows "
-            "for them), and their broker connections are not visible here")
+            "for them)")
     if unknown:
         parts.append(f"{len(unknown)} in a pid namespace this check cannot identify "
                      f"({', '.join(unknown)}; a namespace without its own /proc records "
