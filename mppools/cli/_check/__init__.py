@@ -145,6 +145,16 @@ def _slots_by_pid(users: list[User], pids: Iterable[int]) -> dict[int, int]:
     return slots
 
 
+def _short_command(pid: int, width: int = 60) -> str:
+    """``pid``'s command line with its program's directory left out (``python3 app.py``)."""
+    from mppools.cli._status import command_line
+
+    text = command_line(pid, 1000)
+    if text.startswith("/"):
+        text = os.path.basename(text.split(" ", 1)[0]) + text[len(text.split(" ", 1)[0]):]
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _skipped(name: str, look: BudgetLook) -> Check:
     why = "the budget cannot be read" if look.error else f"no budget {look.name!r} yet"
     return Check(name, WARN, f"skipped: no limit known ({why}); pass --limit N")
@@ -410,8 +420,6 @@ def check_broker_limit(look: BudgetLook, view: BrokerView) -> Check:
 
 def check_unmanaged(look: BudgetLook, view: BrokerView, broker: str) -> Check:
     """Connections to the broker from this user's processes beyond the slots they hold."""
-    from mppools.cli._status import command_line
-
     _, host, port = parse_broker(broker)
     endpoints = endpoints_of(host, port)
     address = f"{host}:{port}"
@@ -450,7 +458,7 @@ def check_unmanaged(look: BudgetLook, view: BrokerView, broker: str) -> Check:
     where = f"from this user's processes (uid {euid}, this network namespace) to {address}"
     if unmanaged:
         who = ", ".join(
-            f"pid {pid} " + (f"({command_line(pid, 40)}) " if pid else "(unknown) ")
+            f"pid {pid} " + (f"({_short_command(pid)}) " if pid else "(unknown) ")
             + f"{per_pid[pid]} connection(s), {slots.get(pid, 0)} slot(s)"
             for pid in sorted(extra))
         return Check("unmanaged-connections", WARN, (
