@@ -498,3 +498,75 @@ def test_an_idle_lease_keeper_sleeps_and_a_waiter_wakes_it(redis_server: Any,
         limiter.release(slot)
     finally:
         other.close()
+
+
+def test_status_shows_the_budget_across_hosts(hosts: list[Host], redis_server: Any,
+                                              budget_name: str, tmp_path: Path) -> None:
+    # `mppools status` on a host of a cross-host budget: the limit across hosts, per host
+    # held / in use / idle / waiting / lease expiry, the coordination server and its health
+    import json
+
+    spec = _spec(redis_server)
+    a, b = Host(), Host()
+    hosts += [a, b]
+    a.call(f"configure {budget_name} 3 {spec}")
+    a.call("workers 3")
+    for w in range(2):
+        assert a.call(f"w {w} acquire 10").startswith("GOT")
+    b.call(f"configure {budget_name} 3 {spec}")  # takes the third lease at once
+    b.call("workers 2")
+    assert b.call("w 0 acquire 10").startswith("GOT")
+    b.call("wsend 1 acquire 30")  # waits: every lease is held
+    # the figures are those of each host's last renewal (every ttl/3)
+    out = tmp_path / "status.json"
+
+    def figures() -> dict[str, Any]:
+        assert a.call(f"cli {out} status {budget_name} --json") == "OK 0"
+        return json.loads(out.read_text())
+
+    assert wait_until(lambda: (len(figures()["cross_host"]["hosts"]) == 2 and all(
+        h["in_use"] is not None for h in figures()["cross_host"]["hosts"])
+        and figures()["cross_host"]["hosts"] and sum(
+            h["waiting"] or 0 for h in figures()["cross_host"]["hosts"]) == 1),
+        20, 0.1, what="both hosts reported their figures")
+    data = figures()
+    cross = data["cross_host"]
+    assert data["limit"] == 3 and data["in_use"] == 2 and data["backend"] == "redis"
+    assert cross["healthy"] and str(redis_server.port) in cross["server"]
+    assert cross["leases_in_use"] == 3
+    by_held = sorted(cross["hosts"], key=lambda h: -h["held"])
+    assert [h["held"] for h in by_held] == [2, 1]
+    assert [h["in_use"] for h in by_held] == [2, 1]
+    assert [h["waiting"] for h in by_held] == [0, 1]
+    assert all(0 < h["expires_in"] <= TTL for h in by_held)
+    assert a.call(f"cli {out} status {budget_name}") == "OK 0"
+    text = out.read_text()
+    print("\n" + text)
+    assert "across hosts via" in text and "ok" in text and "LEASE EXPIRES IN" in text
+    assert "(this host)" in text
+    assert a.call(f"cli {out} status") == "OK 0"
+    assert "coordination ok" in out.read_text()
+    b.call("wget 1")
+
+
+def test_status_names_a_failing_coordination_server(own_redis: RedisServer,
+                                                    budget_name: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from support.lineproc import repo_env
+
+    mppools.configure(2, name=budget_name, backend=_spec(own_redis), idle_timeout=None)
+    server = f"127.0.0.1:{own_redis.port}"
+    own_redis.stop()
+    run = subprocess.run([sys.executable, "-m", "mppools", "status", budget_name, "--json"],
+                         capture_output=True, text=True, timeout=60, env=repo_env(),
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    cross = json.loads(run.stdout)["cross_host"]
+    assert not cross["healthy"] and server in cross["server"] and server in cross["health"]
+    text = subprocess.run([sys.executable, "-m", "mppools", "status", budget_name],
+                          capture_output=True, text=True, timeout=60, env=repo_env(),
+                          check=False).stdout
+    assert "FAILING" in text and server in text, text

@@ -121,9 +121,63 @@ def format_budget(
         lines.append("  waiting pids: " + ", ".join(
             str(w.pid) if w.host == stats.host else f"{w.host}/{w.pid}"
             for w in stats.waiters))
+    lines.extend(format_cross_host(stats))
     if damage:
         lines.append(f"  DAMAGED: {'; '.join(damage)}: {_reclaim_hint(stats.name)}")
     return "\n".join(lines)
+
+
+def _seconds(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _figure(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def format_cross_host(stats: BudgetStats) -> list[str]:
+    """The cross-host part of a redis-backend budget's report (no lines for others): the
+    coordination server and its health, then one row per host holding leases."""
+    extra = stats.extra
+    state = extra.get("coordination")
+    if state is None:
+        return []
+    server = extra.get("server", "?")
+    if state != "ok":
+        return [f"  coordination server {server}: FAILING: {state}",
+                "  (the figures above are this host's alone)"]
+    lines = [
+        f"  across hosts via {server}: ok (round trip "
+        f"{_seconds(extra.get('rtt')) * 1000:.1f} ms)   generation "
+        f"{extra.get('generation')}   leases in use {extra.get('leases_in_use')} of "
+        f"{stats.limit}   this host leases {extra.get('local_limit')}"
+        + (f"   grace {float(extra['grace_left']):.1f}s"  # type: ignore[arg-type]
+           if extra.get("grace_left") else ""),
+    ]
+    details = extra.get("host_details")
+    me = extra.get("host_id")
+    if isinstance(details, tuple | list) and details:
+        lines.append(f"  {'HOST':<40} {'HELD':>4} {'IN USE':>6} {'IDLE':>4} {'WAITING':>7}"
+                     f"  {'LEASE EXPIRES IN':>16}  AS OF")
+        for d in details:
+            if not isinstance(d, dict):
+                continue
+            ago = d.get("reported_ago")
+            mark = " (this host)" if d.get("host") == me else ""
+            waits = "  wants more" if d.get("waits_for_leases") else ""
+            lines.append(
+                f"  {str(d.get('host')) + mark:<40} {d.get('held'):>4} "
+                f"{_figure(d.get('in_use')):>6} {_figure(d.get('idle')):>4} "
+                f"{_figure(d.get('waiting')):>7}  {_seconds(d.get('expires_in')):>15.1f}s"
+                f"  {'-' if ago is None else f'{_seconds(ago):.1f}s ago'}{waits}")
+    else:
+        lines.append("  no host holds leases")
+    waiting = [h for h in extra.get("waiting_hosts") or ()  # type: ignore[attr-defined]
+               if not any(isinstance(d, dict) and d.get("host") == h
+                          for d in (details or ()))]  # type: ignore[attr-defined]
+    if waiting:
+        lines.append("  hosts waiting for leases: " + ", ".join(map(str, waiting)))
+    return lines
 
 
 def _reclaim_hint(name: str) -> str:
@@ -141,6 +195,11 @@ def format_summary(stats: BudgetStats, damage: list[str] | None = None) -> str:
     holders = f"{len(stats.holders)}" + (f" ({dead} dead)" if dead else "")
     line = (f"{stats.name:<24} {stats.limit:>5} {stats.in_use:>6} {stats.free:>5} "
             f"{stats.waiting:>7} {stats.debt:>4}  {holders}")
+    state = stats.extra.get("coordination")
+    if state is not None:
+        hosts = stats.extra.get("hosts") or ()
+        line += (f"  (redis: {len(hosts)} host(s) hold leases, "  # type: ignore[arg-type]
+                 f"coordination {'ok' if state == 'ok' else 'FAILING'})")
     if damage:
         line += f"  DAMAGED ({'; '.join(damage)}): run `mppools reclaim {stats.name}`"
     return line
@@ -151,11 +210,35 @@ def format_broken(name: str, kind: str, message: str) -> str:
     return f"{name:<24} unreadable ({kind}): {message}"
 
 
+def cross_host_dict(stats: BudgetStats) -> dict[str, Any] | None:
+    """The cross-host view of a redis-backend snapshot for ``--json`` (None for others)."""
+    extra = stats.extra
+    state = extra.get("coordination")
+    if state is None:
+        return None
+    return {
+        "server": extra.get("server"),
+        "healthy": state == "ok",
+        "health": state,
+        "rtt": extra.get("rtt"),
+        "generation": extra.get("generation"),
+        "limit": stats.limit,
+        "leases_in_use": extra.get("leases_in_use"),
+        "grace_left": extra.get("grace_left"),
+        "this_host": extra.get("host_id"),
+        "hosts": list(extra.get("host_details") or ()),  # type: ignore[call-overload]
+        "waiting_hosts": list(extra.get("waiting_hosts") or ()),  # type: ignore[call-overload]
+    }
+
+
 def stats_to_dict(stats: BudgetStats, *, now: float | None = None) -> dict[str, Any]:
     """A JSON-ready dict of a snapshot; each holder also gets ``state``, ``age`` and
-    ``cmdline``."""
+    ``cmdline``; a redis-backend budget also ``cross_host`` (:func:`cross_host_dict`)."""
     now = time.time() if now is None else now
     data = dataclasses.asdict(stats)
+    cross = cross_host_dict(stats)
+    if cross is not None:
+        data["cross_host"] = cross
     data["holders"] = [
         {
             **dataclasses.asdict(h),
@@ -176,9 +259,35 @@ _Inspected = tuple[BudgetStats, list[str]]
 _Broken = tuple[str, str, str]
 
 
+def _cross_host(name: str, inspected: _Inspected) -> _Inspected:
+    """The snapshot of a budget whose master shares it across hosts (its local budget names
+    the backend) seen through that backend: limit across hosts, each host's leases. If the
+    redis extra is not installed or the local budget went away: the local snapshot."""
+    try:
+        from mppools._limiter.redis._limiter import RedisLimiter, backend_of
+    except ImportError:  # redis-py missing: the local view only
+        return inspected
+    spec = backend_of(name)
+    if spec is None:
+        return inspected
+    try:
+        limiter = RedisLimiter.open(spec, name, create=False)
+    except MppoolsError:
+        return inspected
+    try:
+        return limiter.stats(), inspected[1]
+    finally:
+        limiter.close()
+
+
+def inspect_any(name: str) -> _Inspected:
+    """:func:`inspect_budget`, through the coordination server for a cross-host budget."""
+    return _cross_host(name, inspect_budget(name))
+
+
 def _inspect_named(name: str) -> _Inspected:
     try:
-        return inspect_budget(name)
+        return inspect_any(name)
     except MppoolsError:
         raise
     except Exception as exc:  # never a traceback for one budget, whatever is in it
@@ -195,7 +304,7 @@ def _collect(name: str | None) -> tuple[list[_Inspected], list[_Broken]]:
     broken: list[_Broken] = []
     for each in list_budget_names():
         try:
-            snapshots.append(inspect_budget(each))
+            snapshots.append(inspect_any(each))
         except BudgetNotFoundError as exc:
             if exists(each):  # else it was removed while we listed: not ours to report
                 broken.append((each, broken_kind(each, exc), str(exc)))

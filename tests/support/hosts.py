@@ -34,6 +34,8 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 publish that returned, append its id to the file LOG
                                 -> "OK <acknowledged> <failed>"
     clock                       "OK <time.time()> <time.monotonic()>" (this host's clocks)
+    cli OUT ARGS...             run ``python -m mppools ARGS...`` on this host, its output to
+                                the file OUT -> "OK <exit status>"
     hold T                      acquire (timeout T) and keep the connection checked out
                                 -> "GOT <s> <ns>" (``release`` gives it back)
 
@@ -253,6 +255,12 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         except mppools.LimitExceeded as exc:
             return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
         return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
+    if cmd == "cli":
+        out = args[0]
+        with open(out, "wb") as f:
+            done = subprocess.run([sys.executable, "-m", "mppools", *args[1:]], stdout=f,
+                                  stderr=subprocess.STDOUT, timeout=60, check=False)
+        return f"OK {done.returncode}"
     if cmd == "clock":
         return f"OK {time.time():.3f} {time.monotonic():.3f}"
     if cmd == "publoop":

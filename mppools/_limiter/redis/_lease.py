@@ -57,6 +57,12 @@ class HostLease:
     held: int
     expires_at: float
     expires_in: float
+    #: the host's local figures at its last renewal (None: not reported): slots in use,
+    #: idle among them, processes waiting; and how many seconds ago it reported them
+    in_use: int | None = None
+    idle: int | None = None
+    waiting: int | None = None
+    reported_ago: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,19 @@ def _int(value: object) -> int:
     if isinstance(value, int | bytes | str):
         return int(value)
     raise redis.ResponseError(f"unexpected answer {value!r} (not a number)")
+
+
+def _host_lease(entry: list[Any], now: int) -> HostLease:
+    """One host of a ``stats`` answer: ``[host, held, expiry, 'in_use:idle:waiting:ms']``."""
+    host, held, expiry = _str(entry[0]), _int(entry[1]), _int(entry[2])
+    figures: list[int | None] = [None, None, None]
+    ago: float | None = None
+    parts = _str(entry[3]).split(":")
+    if len(parts) == 4 and all(p.isdigit() for p in parts):
+        figures = [int(p) for p in parts[:3]]
+        ago = max(0, now - int(parts[3])) / 1000
+    return HostLease(host, held, expiry / 1000, (expiry - now) / 1000, figures[0], figures[1],
+                     figures[2], ago)
 
 
 def _bulk(b: bytes) -> bytes:
@@ -439,8 +458,9 @@ class LeaseClient:
             self._set_deadline(t0, expiry, now)
 
     # -- the lease protocol --------------------------------------------------------------
-    def renew(self) -> float | None:
-        """Move the expiry of every lease this host holds to one TTL from now (server time).
+    def renew(self, figures: tuple[int, int, int] | None = None) -> float | None:
+        """Move the expiry of every lease this host holds to one TTL from now (server time);
+        ``figures`` (slots in use, idle, waiting on this host) are kept for :meth:`stats`.
 
         Returns the fencing deadline (monotonic seconds; None if the host holds nothing):
         connections whose leases are not renewed again by then must be closed by then.
@@ -452,7 +472,8 @@ class LeaseClient:
         """
         with self._lock:
             gen = self._ensure_joined()
-            reply, t0 = self._run(S.RENEW, (self.host_id, self._ttl_ms, gen), "renew")
+            info = "" if figures is None else ":".join(str(int(x)) for x in figures)
+            reply, t0 = self._run(S.RENEW, (self.host_id, self._ttl_ms, gen, info), "renew")
             if _int(reply[0]) == S.LOST:
                 self._register(gen)
                 return self.deadline
@@ -617,9 +638,7 @@ class LeaseClient:
             limit=_int(r[2]), in_use=_int(r[3]), generation=_str(r[0]),
             previous_generation=_str(r[1]), server_time=now / 1000.0,
             created_at=_int(r[6]) / 1000.0, grace_left=max(0, _int(r[4]) - now) / 1000.0,
-            hosts=tuple(HostLease(_str(hosts[i]), _int(hosts[i + 1]), _int(hosts[i + 2]) / 1000,
-                                  (_int(hosts[i + 2]) - now) / 1000)
-                        for i in range(0, len(hosts), 3)),
+            hosts=tuple(_host_lease(hosts[i:i + 4], now) for i in range(0, len(hosts), 4)),
             waiting=tuple(WaitingHost(_str(tickets[i]), _int(tickets[i + 1]),
                                       (_int(tickets[i + 2]) - now) / 1000)
                           for i in range(0, len(tickets), 3)),

@@ -96,7 +96,8 @@ from mppools._validate import MAX_CAPACITY, check_limit, check_wait_timeout
 from . import _names
 from ._lease import LeaseClient
 
-__all__ = ["POLL", "SCHEMES", "RedisLimiter", "default_name", "parse_spec", "validate_name"]
+__all__ = ["POLL", "SCHEMES", "RedisLimiter", "backend_of", "default_name", "parse_spec",
+           "validate_name"]
 
 logger = logging.getLogger("mppools")
 
@@ -110,6 +111,25 @@ EAGER = 0.25
 IDLE_WAKE = 1.0
 #: the lease keeper's wake-up socket, in the local budget's rendezvous directory
 WAKE_SOCKET = "r-leases"
+#: the master's backend spec, for ``mppools status`` (0600, in the same 0700 directory)
+SPEC_FILE = "r-backend"
+
+
+def _spec_file(name: str) -> tuple[str, str] | None:
+    """(backend spec, host id) as this host's master wrote them."""
+    try:
+        with open(f"{rendezvous_dir(name)}/{SPEC_FILE}", encoding="utf-8") as f:
+            spec, _, host_id = f.read().strip().partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return (spec, host_id) if spec.partition("://")[0] in SCHEMES else None
+
+
+def backend_of(name: str) -> str | None:
+    """The backend spec the master of this host's budget ``name`` configured, if it is a
+    cross-host budget (None: a POSIX budget, or none)."""
+    found = _spec_file(name)
+    return found[0] if found else None
 #: how often the lease keeper looks at other hosts' queue to give back free leases (seconds)
 CHECK_EVERY = 0.1
 #: how long one borrowing attempt of the lease keeper may wait in the queue (seconds)
@@ -279,6 +299,15 @@ class RedisLimiter(Limiter):
         return f"{rendezvous_dir(self.name)}/{WAKE_SOCKET}"
 
     def _start(self) -> None:
+        with contextlib.suppress(OSError):
+            spec_path = f"{rendezvous_dir(self.name)}/{SPEC_FILE}"
+            fd = os.open(spec_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                assert self._lease is not None
+                os.write(fd, f"{self.spec}\n{self._lease.host_id}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(spec_path + ".tmp", spec_path)
         path = self._wake_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -392,7 +421,7 @@ class RedisLimiter(Limiter):
         """Renew the host's leases; False if the server failed (retry soon)."""
         assert self._lease is not None
         try:
-            self._lease.renew()
+            self._lease.renew(self._local_figures())
         except LeaseLostError as exc:
             self._fence(exc.held, str(exc))
             return True
@@ -414,6 +443,20 @@ class RedisLimiter(Limiter):
             self._local.resize(keep + 1, force=True)
             self.fences += 1
             self.fenced_at = time.monotonic()
+
+    def _local_figures(self) -> tuple[int, int, int] | None:
+        """(slots in use, idle among them, processes waiting) on this host, without the plug;
+        None if the local budget cannot be read."""
+        try:
+            local = self._local.stats()
+        except MppoolsError:
+            return None
+        idle = sum(h.idle for h in local.holders if h.alive)
+        if self._plug is not None and any(h.pid == self._plug_pid and not h.busy
+                                          for h in local.holders):
+            idle -= 1  # the plug reads as idle when its holder has nothing busy
+        in_use = max(0, local.in_use - (1 if self._plug is not None else 0))
+        return in_use, max(0, min(idle, in_use)), local.waiting
 
     def _used(self) -> int:
         """Slots in use on this host (without the plug)."""
@@ -691,7 +734,16 @@ class RedisLimiter(Limiter):
                 coordination="ok", server=lease.server, generation=lease.generation,
                 leases_in_use=lease.in_use, grace_left=lease.grace_left,
                 hosts=tuple((h.host, h.held, round(h.expires_in, 3)) for h in lease.hosts),
+                host_details=tuple(
+                    {"host": h.host, "held": h.held, "expires_in": round(h.expires_in, 3),
+                     "in_use": h.in_use, "idle": h.idle, "waiting": h.waiting,
+                     "reported_ago": h.reported_ago,
+                     "waits_for_leases": any(w.host == h.host for w in lease.waiting)}
+                    for h in lease.hosts),
+                rtt=round(lease.rtt, 6),
                 waiting_hosts=tuple(w.host for w in lease.waiting))
+        if not self._is_master() and (found := _spec_file(self.name)) is not None:
+            extra.update(host_id=found[1])
         if self._lease is not None and self._is_master():
             extra.update(host_id=self._lease.host_id, leases_held=self._lease.held,
                          deadline_in=None if self._lease.deadline is None
@@ -741,6 +793,9 @@ class RedisLimiter(Limiter):
         if master and thread is not None and thread is not threading.current_thread():
             self._poke()
             thread.join(5)
+        if master:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{rendezvous_dir(self.name)}/{SPEC_FILE}")
         if master and self._wake is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._wake_path())  # one master per budget and host: ours

@@ -33,9 +33,11 @@ Contracts (ARGV in order; answers as arrays):
     the queue. All leases of
     ``host`` (old and new) expire at ``now + ttl_ms``. ``n = 0`` only renews.
 
-``renew(host, ttl_ms, gen)`` -> ``{status, held, expiry, now, limit, grace_until, gen}``
+``renew(host, ttl_ms, gen[, figures])`` -> ``{status, held, expiry, now, limit, grace_until, gen}``
     Drop expired leases, then move the expiry of all leases ``host`` still holds to
-    ``now + ttl_ms``. ``held`` lower than the caller thinks means leases expired.
+    ``now + ttl_ms``. ``held`` lower than the caller thinks means leases expired. A host that
+    holds leases may report its local ``figures`` (``in_use:idle:waiting``): kept in the meta
+    hash as ``i:<host>`` -> ``figures:now`` until its leases expire (for ``stats``).
 
 ``release(host, target, gen, drop_ticket)`` -> ``{status, released, held}``
     Give back leases until ``host`` holds at most ``target`` (idempotent: a call repeated
@@ -56,7 +58,8 @@ Contracts (ARGV in order; answers as arrays):
     most what is free, and the caller must close the rest. Registering twice counts once.
 
 ``stats()`` -> ``{gen, prev, limit, used, grace_until, now, created, hosts, tickets, seq}``
-    Read only. ``hosts`` is a flat ``{host, held, expiry, ...}`` of live leases, ``tickets`` a
+    Read only. ``hosts`` is a flat ``{host, held, expiry, figures, ...}`` of live leases
+    (``figures`` as the host last reported them with their server time, or ``''``), ``tickets`` a
     flat ``{host, number, expiry, ...}`` of live tickets oldest first; ``used`` counts live
     leases only. No budget: ``gen`` is ``false``.
 """
@@ -106,15 +109,17 @@ end
 -- drop the leases of hosts that did not renew in time; returns how many were dropped
 local function expire(now)
   if redis.call('ZCOUNT', KEYS[2], '-inf', now) == 0 then return 0 end
-  local fields = {}
+  local fields, figures = {}, {}
   for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
     fields[#fields + 1] = 'h:' .. h
+    figures[#figures + 1] = 'i:' .. h
   end
   local freed = 0
   for _, c in ipairs(redis.call('HMGET', KEYS[1], unpack(fields))) do
     freed = freed + tonumber(c or '0')
   end
   redis.call('HDEL', KEYS[1], unpack(fields))
+  redis.call('HDEL', KEYS[1], unpack(figures))
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if freed > 0 then redis.call('HINCRBY', KEYS[1], 'used', -freed) end
   return freed
@@ -217,6 +222,9 @@ if expire(now) > 0 then held = held_by(host) end
 if held > 0 then
   expiry = now + ttl
   redis.call('ZADD', KEYS[2], expiry, host)
+  if ARGV[4] and ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[1], 'i:' .. host, ARGV[4] .. ':' .. now)
+  end
 end
 return {0, held, expiry, now, tonumber(m[2]), tonumber(m[3]), m[1]}
 """
@@ -310,6 +318,7 @@ for i = 1, #live, 2 do
     hosts[#hosts + 1] = live[i]
     hosts[#hosts + 1] = h
     hosts[#hosts + 1] = tonumber(live[i + 1])
+    hosts[#hosts + 1] = redis.call('HGET', KEYS[1], 'i:' .. live[i]) or ''
   end
 end
 local tickets = {}
