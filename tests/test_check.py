@@ -381,6 +381,7 @@ os._exit(0)
 '''
 
 
+@pytest.mark.redis
 def test_connections_of_a_holder_in_a_nested_pid_namespace_are_its_slots(
     budget_name: str, redis_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -438,6 +439,7 @@ def _wait_clients(server: RedisServer, count: int) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.redis
 def test_redis_limit_fits_and_every_connection_is_the_budgets(
     budget_name: str, small_redis: RedisServer, workers: list[Worker],
     capsys: pytest.CaptureFixture[str],
@@ -461,6 +463,7 @@ def test_redis_limit_fits_and_every_connection_is_the_budgets(
     assert pid > 0
 
 
+@pytest.mark.redis
 def test_redis_limit_above_maxclients_fails(
     budget_name: str, small_redis: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -471,6 +474,7 @@ def test_redis_limit_above_maxclients_fails(
     assert "budget limit 10 is above redis maxclients 8" in limit["message"]
 
 
+@pytest.mark.redis
 def test_redis_unmanaged_connections_warn(
     budget_name: str, small_redis: RedisServer, workers: list[Worker],
     capsys: pytest.CaptureFixture[str],
@@ -499,6 +503,7 @@ def test_redis_unmanaged_connections_warn(
         limit["message"])
 
 
+@pytest.mark.redis
 def test_redis_without_config_and_client_commands(
     budget_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
