@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -145,16 +146,31 @@ def _post_fork() -> None:
 
 
 def _install_post_fork(server: Any) -> None:
-    """Run :func:`_post_fork` in every process uWSGI forks from this one."""
+    """Run :func:`_post_fork` first in every process uWSGI forks from this one.
+
+    Through ``uwsgidecorators``' post-fork chain when that module exists: importing it later
+    would replace ``uwsgi.post_fork_hook`` with its chain, dropping a hook chained by hand.
+    Importing it replaces ``uwsgi.post_fork_hook`` and ``uwsgi.spooler``: a hook or spooler
+    the app had set before is kept (the hook joins the chain, the spooler is put back).
+    """
+    previous: Callable[[], object] | None = getattr(server, "post_fork_hook", None)
+    had_spooler = hasattr(server, "spooler")
+    spooler = getattr(server, "spooler", None)
+    fresh = "uwsgidecorators" not in sys.modules
     try:
         import uwsgidecorators
-    except ImportError:
+    except Exception:  # not shipped with this uWSGI: chain by hand
         uwsgidecorators = None
-    if uwsgidecorators is not None and hasattr(uwsgidecorators, "postfork"):
-        # its chain survives other @postfork users; it owns uwsgi.post_fork_hook
-        uwsgidecorators.postfork(_post_fork)
+    chain = getattr(uwsgidecorators, "postfork_chain", None)
+    if uwsgidecorators is not None and isinstance(chain, list):
+        if fresh:
+            if had_spooler:
+                server.spooler = spooler
+            if previous is not None and previous is not getattr(
+                    uwsgidecorators, "postfork_chain_hook", None):
+                chain.append(previous)
+        chain.insert(0, _post_fork)
         return
-    previous: Callable[[], object] | None = getattr(server, "post_fork_hook", None)
 
     def chained() -> None:
         _post_fork()
@@ -234,6 +250,35 @@ def _cleanup_configured(server: Any) -> bool:
     return False
 
 
+#: how long a worker keeps trying when another worker initializes the budget at that moment
+JOIN_RACE_SECONDS = 5.0
+
+
+def _configure(limit: int, name: str | None, kwargs: dict[str, Any], *,
+               in_worker: bool) -> Limiter:
+    """``mppools.configure``; in a worker, retried while another worker initializes the
+    same budget at that very moment.
+
+    Workaround: opening a budget drops its mutex after reading the header (a temporary mmap
+    of the segment closes a dup of its fd, and closing any fd of a file releases the
+    process's fcntl locks on it), so of 8 ``--lazy-apps`` workers configuring at once one
+    may find the header not yet written while another one holds the creator token:
+    ``BudgetInUseError("... has a live creator")``, which nothing else raises here.
+    """
+    deadline = time.monotonic() + JOIN_RACE_SECONDS
+    attempt = 0
+    while True:
+        try:
+            return mppools.configure(limit, name, **kwargs)
+        except BudgetInUseError:
+            attempt += 1
+            if not in_worker or time.monotonic() > deadline:
+                raise
+            logger.info("mppools: budget %r is being initialized by another process; "
+                        "retrying (%d)", name, attempt)
+            time.sleep(min(0.005 * attempt, 0.1))
+
+
 def setup(limit: int | None = None, name: str | None = None,
           **configure_kwargs: Any) -> Limiter | None:
     """Give this uWSGI instance one budget of ``limit`` broker connections.
@@ -288,7 +333,7 @@ def setup(limit: int | None = None, name: str | None = None,
             logger.warning("mppools: no limit (set MPPOOLS_LIMIT or setup(limit=...)): broker "
                            "connections are NOT limited across uWSGI workers")
             return None
-        limiter = mppools.configure(limit, name, **kwargs)
+        limiter = _configure(limit, name, kwargs, in_worker=in_worker)
         logger.info("mppools: budget %r: at most %d broker connection(s) for all %d uWSGI "
                     "process(es) (%s, pid %d)", limiter.name, limiter.limit, processes,
                     mode, os.getpid())
