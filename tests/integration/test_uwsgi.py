@@ -9,8 +9,8 @@ With 8 holders and a limit of 3, five requests always wait for a slot, so every 
 followed by a waiter getting the dead holder's slot: that is the reclaim check, bounded by a
 deadline, with no sleeps.
 
-Modes: preforked (the app, and ``setup()``, in the master) with and without
-``--py-call-osafterfork``, and ``--lazy-apps`` (every worker loads the app and joins the
+Modes: preforked (the app, and ``setup()``, in the master) without and with
+``--py-call-osafterfork`` or ``--py-call-uwsgi-fork-hooks``, and ``--lazy-apps`` (every worker loads the app and joins the
 budget by name). In the preforked modes the master publishes once before forking
 (``ITEST_WARMUP``), the case where workers inherit a pooled connection.
 
@@ -66,6 +66,7 @@ needs_uwsgi = pytest.mark.skipif(UWSGI is None, reason="pyuwsgi (the uwsgi binar
 MODES = {
     "preforked": [],
     "preforked-osafterfork": ["--py-call-osafterfork"],
+    "preforked-uwsgi-fork-hooks": ["--py-call-uwsgi-fork-hooks"],
     "lazy-apps": ["--lazy-apps"],
 }
 
