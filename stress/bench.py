@@ -53,7 +53,7 @@ from stress._bench_util import (
 __all__ = ["main"]
 
 FIGURES = ("warm", "slot", "contention", "reclaim", "idle", "e2e", "footprint",
-           "e2e_contention", "gunicorn")
+           "e2e_contention", "gunicorn", "redis_hosts")
 
 
 @dataclass(frozen=True)
@@ -899,6 +899,14 @@ def main(argv: list[str] | None = None) -> int:
             more_rows, more_skipped = fig_gunicorn(plan, redis)
             rows += more_rows
             skipped += more_skipped
+        if "redis_hosts" in only:
+            _log("10. across hosts on redis (reclaim after a host kill, 3 hosts vs 1, idle)")
+            from stress.redis_lease import fig_redis_hosts
+
+            try:
+                rows += fig_redis_hosts(plan.quick)
+            except Exception as exc:  # no unshare or root, no redis-server: skipped, said
+                skipped.append(f"10. across hosts: {exc}")
     elapsed = time.monotonic() - started
     meta.update(elapsed_s=elapsed, loadavg_end=os.getloadavg())
     print()
