@@ -10,9 +10,10 @@ followed by a waiter getting the dead holder's slot: that is the reclaim check, 
 deadline, with no sleeps.
 
 Modes: preforked (the app, and ``setup()``, in the master) without and with
-``--py-call-osafterfork`` or ``--py-call-uwsgi-fork-hooks``, and ``--lazy-apps`` (every worker loads the app and joins the
-budget by name). In the preforked modes the master publishes once before forking
-(``ITEST_WARMUP``), the case where workers inherit a pooled connection.
+``--py-call-osafterfork`` or ``--py-call-uwsgi-fork-hooks``, and ``--lazy-apps`` (every
+worker loads the app and joins the budget by name). In the preforked modes the master
+publishes once before forking (``ITEST_WARMUP``), the case where workers inherit a pooled
+connection.
 
 ``ITEST_UWSGI_SETUP=configure`` runs the same tests with a plain ``mppools.configure()`` in
 the app and no cleanup hook, i.e. without mppools.integrations.uwsgi (to check that the
@@ -430,3 +431,97 @@ def test_joining_a_budget_keeps_its_mutex(budget_name: str) -> None:
         mppools.close()
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["held"], "the mutex was lost while joining the budget"
+
+
+def _c_level_fork() -> int:
+    """fork(2) straight from C, as uWSGI does: none of Python's fork handlers run. PyDLL
+    keeps the GIL across the call, so the child does not inherit it held by another thread."""
+    import ctypes
+
+    return int(ctypes.PyDLL(None).fork())
+
+
+@pytest.mark.timeout(60)
+def test_after_fork_catches_up_in_a_c_level_fork(budget_name: str) -> None:
+    """What the post-fork hook does in a uWSGI worker forked without Python's handlers: the
+    master's pooled connections are dropped (before, the child would reuse them), and the
+    child takes slots of its own."""
+    import json
+
+    from kombu import Connection
+    from kombu.utils.functional import lazy
+
+    from mppools import _fork, pools
+
+    mppools.configure(LIMIT, budget_name, idle_timeout=None)
+    conn = Connection("memory://")
+    held = pools.connections[conn].acquire(block=True)
+    held.connect()
+    idle = pools.connections[conn].acquire(block=True)
+    idle.connect()
+    idle.release()  # the master keeps an open, idle connection in its pool
+    parent, epoch = os.getpid(), _fork.current_epoch()
+    r, w = os.pipe()
+    pid = _c_level_fork()
+    if pid == 0:
+        code = 1
+        try:
+            pool = pools.connections[conn]
+            before = sum(1 for c in pool._resource.queue if not isinstance(c, lazy))
+            stale = _fork.current_epoch() == epoch
+            ran, again = mppools_uwsgi.after_fork(), mppools_uwsgi.after_fork()
+            fresh = all(isinstance(c, lazy) for c in pool._resource.queue)
+            c = pool.acquire(block=True, timeout=5)
+            c.connect()
+            mine = {h.pid: h.slots for h in mppools.stats().holders}.get(os.getpid())
+            c.release()
+            os.write(w, json.dumps([before, stale, ran, again, fresh, len(pool._dirty),
+                                    mine]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and out, status
+    before, stale, ran, again, fresh, dirty, mine = json.loads(out)
+    # inherited: the master's idle connection, and no fork handling had run
+    assert (before, stale) == (1, True)
+    # after_fork() ran once, emptied the pool, and the child held a slot of its own
+    assert (ran, again, fresh, dirty, mine) == (True, False, True, 0, 1)
+    assert held.connected
+    # the child's slot died with it: its token was on a description of its own
+    assert {h.pid: h.slots for h in mppools.stats().holders if h.alive} == {parent: 2}
+    assert [p for p, _ in mppools.audit().reclaimed_slots] == [pid]
+    held.release()
+    mppools.close()
+
+
+def test_post_fork_hook_runs_first_and_keeps_the_apps_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Installing the hook through uwsgidecorators keeps a post-fork hook and a spooler the
+    app set before, and runs mppools' handling first."""
+    calls: list[str] = []
+    fake: Any = types.ModuleType("uwsgi")
+    fake.opt = {"processes": b"8", "master": True}
+
+    def app_hook() -> None:
+        calls.append("app")
+
+    def app_spooler(env: object) -> int:
+        return 0
+
+    fake.post_fork_hook = app_hook
+    fake.spooler = app_spooler
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    monkeypatch.delitem(sys.modules, "uwsgidecorators", raising=False)
+    monkeypatch.setattr(mppools_uwsgi, "_post_fork", lambda: calls.append("mppools"))
+    try:
+        mppools_uwsgi._install_post_fork(fake)
+        assert fake.spooler is app_spooler
+        fake.post_fork_hook()
+        assert calls == ["mppools", "app"]
+    finally:
+        sys.modules.pop("uwsgidecorators", None)
