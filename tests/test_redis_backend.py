@@ -570,3 +570,48 @@ def test_status_names_a_failing_coordination_server(own_redis: RedisServer,
                           capture_output=True, text=True, timeout=60, env=repo_env(),
                           check=False).stdout
     assert "FAILING" in text and server in text, text
+
+
+def _master_pid(host: Host) -> int:
+    """The host's master, seen from here (unshare forks it: its only child)."""
+    import psutil
+
+    children = psutil.Process(host.proc.pid).children()
+    assert len(children) == 1, children
+    return int(children[0].pid)
+
+
+def test_a_stopped_master_is_fenced_by_its_watchdog(hosts: list[Host], redis_server: Any,
+                                                    budget_name: str) -> None:
+    # host a's master is SIGSTOPped past the TTL while its worker keeps an idle pooled
+    # broker connection: the master can neither renew nor fence; its lease expires and
+    # host b is granted it. Without the watchdog a's worker kept its connection open and
+    # the proxy counted 2 broker connections with limit 1
+    from support.proxy_process import ProxyProcess
+
+    queue = f"q-{budget_name}"
+    broker = redis_server.url.rsplit("/", 1)[0] + "/1"
+    with ProxyProcess(("127.0.0.1", redis_server.port)) as proxy:
+        url = proxy.url_for(broker)
+        a, b = Host(), Host()
+        hosts += [a, b]
+        a.call(f"configure {budget_name} 1 {_spec(redis_server)}")
+        a.call("workers 1")
+        assert a.call(f"w 0 publish 1 {url} {queue}") == "OK 1"  # pooled, idle, open
+        b.call(f"configure {budget_name} 1 {_spec(redis_server)}")
+        b.call("workers 1")
+        assert proxy.ask("stats")["current"] == 1
+        master = _master_pid(a)
+        os.kill(master, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            b.call(f"wsend 0 publish 1 {url} {queue}")
+            answer = b.call("wget 0", timeout=60)
+            took = time.monotonic() - t0
+            stats = proxy.ask("stats")
+        finally:
+            os.kill(master, signal.SIGCONT)
+    print(f"\na stopped master's lease reached the other host after {took:.2f} s "
+          f"(ttl {TTL} s); proxy peak {stats['peak']}")
+    assert answer == "OK 1", answer
+    assert stats["peak"] <= 1, f"{stats['peak']} broker connections at once with limit 1"

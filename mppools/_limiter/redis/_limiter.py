@@ -67,6 +67,8 @@ import logging
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -95,6 +97,7 @@ from mppools._validate import MAX_CAPACITY, check_limit, check_wait_timeout
 
 from . import _names
 from ._lease import LeaseClient
+from ._watchdog import Board
 
 __all__ = ["POLL", "SCHEMES", "RedisLimiter", "backend_of", "default_name", "parse_spec",
            "validate_name"]
@@ -212,6 +215,9 @@ class RedisLimiter(Limiter):
         self._poker: socket.socket | None = None
         self._poker_pid = 0
         self.pokes = 0
+        #: the fencing deadline published for the watchdog process, and that process
+        self._board: Board | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
         #: how many times the lease keeper woke up (a poke, something due, or a poll)
         self.wakes = 0
         #: when the lease keeper last got a lease granted (monotonic; hosts take turns)
@@ -308,6 +314,7 @@ class RedisLimiter(Limiter):
             finally:
                 os.close(fd)
             os.replace(spec_path + ".tmp", spec_path)
+        self._start_watchdog()
         path = self._wake_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -324,6 +331,42 @@ class RedisLimiter(Limiter):
         self._thread = threading.Thread(target=self._run, name=f"mppools-leases-{self.name}",
                                         daemon=True)
         self._thread.start()
+
+    def _start_watchdog(self) -> None:
+        """Publish the fencing deadline and start the process that fences this host if the
+        master cannot (stopped, hung or dead: see ``_watchdog``)."""
+        try:
+            self._board = Board(self.name)
+        except OSError as exc:
+            logger.warning("mppools: budget %r: no fencing deadline board (%s): a stopped "
+                           "master will not be fenced", self.name, exc)
+            return
+        self._publish()
+        if not os.path.basename(sys.executable).startswith("python"):
+            logger.warning("mppools: budget %r: no lease watchdog (the interpreter %r is not "
+                           "a python executable): a stopped master will not be fenced",
+                           self.name, sys.executable)
+            return
+        import mppools
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(mppools.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "mppools._limiter.redis._watchdog", self.name,
+                 str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                env=env, close_fds=True)
+        except OSError as exc:
+            logger.warning("mppools: budget %r: no lease watchdog (%s): a stopped master will "
+                           "not be fenced", self.name, exc)
+
+    def _publish(self) -> None:
+        """Tell the watchdog the deadline of what this host lends out (0: nothing)."""
+        board, lease = self._board, self._lease
+        if board is not None and lease is not None:
+            with contextlib.suppress(MppoolsError, ValueError, OSError):
+                board.write(lease.deadline if self._local.limit > 1 else None)
 
     def _poke(self) -> None:
         """Tell this host's lease keeper that a process is about to wait (best effort)."""
@@ -402,6 +445,7 @@ class RedisLimiter(Limiter):
                         if not self._closed:
                             self._fence_if_due()
                             self._borrow_for_waiters()
+                self._publish()
             except Exception:  # pragma: no cover - the keeper must outlive any one failure
                 logger.exception("mppools: lease keeper of budget %r", self.name)
 
@@ -443,6 +487,7 @@ class RedisLimiter(Limiter):
             self._local.resize(keep + 1, force=True)
             self.fences += 1
             self.fenced_at = time.monotonic()
+            self._publish()
 
     def _local_figures(self) -> tuple[int, int, int] | None:
         """(slots in use, idle among them, processes waiting) on this host, without the plug;
@@ -776,6 +821,8 @@ class RedisLimiter(Limiter):
             with contextlib.suppress(OSError):
                 self._wake.close()  # our copy only: the parent's stays bound
             self._wake = None
+        self._board = None  # the master's (its mapping is shared: never written here)
+        self._watchdog = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
@@ -796,6 +843,15 @@ class RedisLimiter(Limiter):
         if master:
             with contextlib.suppress(OSError):
                 os.unlink(f"{rendezvous_dir(self.name)}/{SPEC_FILE}")
+            if self._board is not None:
+                self._board.close()  # -1: the watchdog exits
+                self._board = None
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                with contextlib.suppress(OSError):
+                    watchdog.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    watchdog.wait(2)
         if master and self._wake is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._wake_path())  # one master per budget and host: ours
