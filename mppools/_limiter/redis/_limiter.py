@@ -611,7 +611,8 @@ class RedisLimiter(Limiter):
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         try:
-            if not block or timeout == 0:
+            if not block or timeout == 0 or self._local.waiting_flag():
+                # others wait already: the lease keeper is looking every POLL
                 slot = self._local.acquire(block=block, timeout=timeout)
             else:
                 try:
