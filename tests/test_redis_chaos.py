@@ -201,19 +201,25 @@ def test_chaos_across_three_hosts(hosts: list[Host], budget_name: str, tmp_path:
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 
 
+@pytest.mark.parametrize("clock", ["libfaketime", "python"])
 def test_a_host_whose_wall_clock_steps_keeps_its_leases_for_the_ttl_no_more(
-        hosts: list[Host], budget_name: str, tmp_path: Path) -> None:
+        hosts: list[Host], budget_name: str, tmp_path: Path, clock: str) -> None:
     # host a runs under libfaketime: its wall clock (CLOCK_REALTIME, what time.time() and
     # gettimeofday read) jumps an hour and a day forward and back while it holds both
     # leases; its monotonic clock goes on (as when NTP or an operator steps the clock).
     # Leases are scored in the server's clock: a's leases neither expire early (b never
-    # gets one while a lives) nor late (b gets them within the TTL after a dies)
-    if not os.path.exists(FAKETIME):
+    # gets one while a lives) nor late (b gets them within the TTL after a dies).
+    # "python" steps only what Python code on host a reads (time.time), where libfaketime
+    # is not installed
+    offsets = tmp_path / "clock"
+    offsets.write_text("+0\n")
+    if clock == "python":
+        env = {"HOST_CLOCK_FILE": str(offsets)}
+    elif not os.path.exists(FAKETIME):
         pytest.skip(f"libfaketime not installed ({FAKETIME}; apt-get install faketime)")
-    clock = tmp_path / "clock"
-    clock.write_text("+0\n")
-    env = {"LD_PRELOAD": FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(clock),
-           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    else:
+        env = {"LD_PRELOAD": FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(offsets),
+               "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     with CoordinationRedis(tmp_path / "coord") as coord:
         spec = f"{coord.url}?lease_ttl={TTL}&fresh=1"
         a = Host(env=env)
@@ -228,7 +234,7 @@ def test_a_host_whose_wall_clock_steps_keeps_its_leases_for_the_ttl_no_more(
         b.call("workers 1")
         tries = 0
         for offset in (3600, -3600, 86400, -86400, 0):
-            clock.write_text(f"{offset:+d}\n")
+            offsets.write_text(f"{offset:+d}\n")
             skew = float(a.call("clock").split()[1]) - time.time()
             assert abs(skew - offset) < 5, f"host a's clock is off by {skew:.0f} s"
             end = time.monotonic() + 1.2 * TTL  # past a renewal and a whole TTL
@@ -244,13 +250,13 @@ def test_a_host_whose_wall_clock_steps_keeps_its_leases_for_the_ttl_no_more(
             assert fields[2] == "2" and fields[4] == "-1", (
                 f"host a lost its leases or fenced with its clock stepped {offset:+d} s: "
                 f"{fields}")
-        clock.write_text("+3600\n")  # a dies with its clock an hour ahead
+        offsets.write_text("+3600\n")  # a dies with its clock an hour ahead
         b.call("wsend 0 acquire 60")
         killed = time.monotonic()
         a.kill()
         answer = b.call("wget 0", timeout=90)
         reclaimed = time.monotonic() - killed
-    print(f"\nhost a's wall clock stepped by +-1 h and +-1 d: {tries} tries of host b "
+    print(f"\nhost a's wall clock ({clock}) stepped by +-1 h and +-1 d: {tries} tries of b "
           f"refused; a killed, its lease reached b after {reclaimed:.2f} s (ttl {TTL} s)")
     assert answer.startswith("GOT"), answer
     assert reclaimed <= TTL + MARGIN, f"a's leases lived {reclaimed:.2f} s past its death"

@@ -43,8 +43,11 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
 the master and its workers: they share the group; the pid namespace dies with its init).
 
 ``Host(env={...})`` runs the agent with those environment variables (e.g. ``LD_PRELOAD`` of
-libfaketime: the host's clocks, not its namespaces' tools). :class:`CoordinationRedis` is a
-redis-server on a port that stays the same across restarts (one restarted empty).
+libfaketime: the host's clocks, not its namespaces' tools). ``HOST_CLOCK_FILE=PATH`` instead
+steps the agent's Python wall clock only: ``time.time()`` and ``time.time_ns()`` add the
+seconds written in PATH (a fallback where libfaketime is not installed).
+:class:`CoordinationRedis` is a redis-server on a port that stays the same across restarts
+(one restarted empty).
 """
 
 from __future__ import annotations
@@ -380,5 +383,23 @@ def _serve() -> None:  # pragma: no cover - runs in the host's master
     os._exit(0)
 
 
+def _step_python_clock(path: str) -> None:  # pragma: no cover - in the host's master
+    """time.time()/time.time_ns() offset by the seconds in the file ``path`` (re-read every
+    call): the wall clock as Python code of this host (and its forked workers) sees it."""
+    real, real_ns = time.time, time.time_ns
+
+    def offset() -> float:
+        try:
+            with open(path) as f:
+                return float(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0.0
+
+    time.time = lambda: real() + offset()  # type: ignore[assignment]
+    time.time_ns = lambda: real_ns() + int(offset() * 1e9)  # type: ignore[assignment]
+
+
 if __name__ == "__main__":  # pragma: no cover - the host's master
+    if os.environ.get("HOST_CLOCK_FILE"):
+        _step_python_clock(os.environ["HOST_CLOCK_FILE"])
     _serve()
