@@ -242,7 +242,7 @@ class Keeper:
         # its hold quantum; one idle for IDLE_GRACE (or past its quantum) is handed on now
         ready_at = min(conn._mppools_hand_on_at,
                        (since if since is not None else now) + idle_grace())
-        if now < ready_at:
+        if now < ready_at and not conn._mppools_turn_done(now):
             self._deferred[token] = ready_at
             return
         if conn._mppools_take_if_idle():

@@ -61,6 +61,7 @@ __all__ = [
     "SLOT_SIZE",
     "SLOT_TOKENS_AT",
     "USED_OF",
+    "USE_RATE_AT",
     "WAITER",
     "WAITER_SIZE",
     "WAITER_TOKENS_AT",
@@ -194,6 +195,9 @@ SLOTS_USED_AT: Final = 140
 #: a running average of what a hand-over costs (seconds, double), kept by the pools without
 #: the mutex: an estimate, read clamped, so a torn or damaged value only shapes a quantum
 HANDOVER_COST_AT: Final = 144
+#: a running average of how many uses a connection in active use serves per second of its
+#: turn (double; the same kind of estimate): sizes a hold quantum in uses (fair turns)
+USE_RATE_AT: Final = 152
 assert HEADER.size == SLOTS_USED_AT + 4
 #: the header fields a mapping never sees change: magic, version, header, slot and waiter
 #: sizes, capacity, waiter capacity

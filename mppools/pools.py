@@ -75,6 +75,8 @@ _groups: list[PoolGroup] = []
 QUANTUM_PER_SETUP = 12.0
 #: ... and at least this long (seconds), at most the budget's ``hold_quantum``
 QUANTUM_FLOOR = 0.01
+#: a quantum counted in uses still ends after this many times its length in time
+TURN_TIME_CAP = 1.5
 
 
 def _queue_lock(queue: Any) -> Any:
@@ -82,6 +84,11 @@ def _queue_lock(queue: Any) -> Any:
     none, and needs none: its greenlets switch only where they block, never in here."""
     mutex = getattr(queue, "mutex", None)
     return mutex if mutex is not None else contextlib.nullcontext()
+
+
+#: kombu's ``Resource.acquire`` (what ``super().acquire`` is for the pools here), called
+#: directly on the warm path
+_resource_acquire = Resource.acquire
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -107,6 +114,11 @@ class LimitedConnection(PooledConnection):
     _mppools_taken_at: float = 0.0
     _mppools_quantum: float = 0.0
     _mppools_first_use: bool = False
+    #: releases since the slot was taken, and the number after which a release while others
+    #: wait hands the slot on (0: the quantum is in time only)
+    _mppools_uses: int = 0
+    _mppools_turn_uses: int = 0
+    _mppools_first_done_at: float = 0.0
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
@@ -125,6 +137,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_taken_at, self._mppools_quantum = now, limiter.hold_quantum
         self._mppools_hand_on_at = now + self._fitted_quantum(limiter)
         self._mppools_first_use = True
+        self._mppools_uses = self._mppools_turn_uses = 0
         cells = limiter.cells(slot)
         if cells is not None:
             self._mppools_view, self._mppools_at, self._mppools_pressure_at = cells
@@ -150,13 +163,39 @@ class LimitedConnection(PooledConnection):
         keeps a running average of that, so every holder gets the same quantum (fair turns),
         QUANTUM_PER_SETUP times the cost: hand-overs then take about 1/(1+QUANTUM_PER_SETUP)
         of a slot's time, and a cheap broker changes hands often (short waits).
+
+        Once the budget knows how many uses per second a connection in active use serves
+        (:meth:`~mppools._limiter._base.Limiter.use_rate`), the quantum is counted in uses:
+        that rate times the quantum, so every turn carries the same number of messages
+        whichever process gets it (a process the scheduler runs less does not get fewer);
+        TURN_TIME_CAP times the quantum in time still ends a turn, so a slow holder cannot
+        stretch it.
         """
         self._mppools_first_use = False
         slot, limiter = self._mppools_slot, self._mppools_limiter
         if slot is None or limiter is None:
             return
         limiter.note_handover_cost(time.time() - slot.acquired_at)
-        self._mppools_hand_on_at = self._mppools_taken_at + self._fitted_quantum(limiter)
+        self._mppools_first_done_at = now
+        quantum = self._fitted_quantum(limiter)
+        rate = limiter.use_rate()
+        if quantum > 0.0 and rate > 0.0:
+            self._mppools_turn_uses = max(2, round(rate * quantum))
+            quantum *= TURN_TIME_CAP
+        self._mppools_hand_on_at = self._mppools_taken_at + quantum
+
+    def _mppools_turn_done(self, now: float) -> bool:
+        """True once this connection had its hold quantum (in uses, or in time)."""
+        turn = self._mppools_turn_uses
+        return (0 < turn <= self._mppools_uses) or now >= self._mppools_hand_on_at
+
+    def _mppools_note_turn(self, now: float) -> None:
+        """A turn ends by handing the slot on at a release: fold its uses per second (after
+        its first use, which paid the set-up) into the budget's use rate."""
+        limiter, uses = self._mppools_limiter, self._mppools_uses
+        spent = now - self._mppools_first_done_at
+        if limiter is not None and uses > 1 and spent > 0.0:
+            limiter.note_use_rate((uses - 1) / spent)
 
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
@@ -258,38 +297,67 @@ class LimitedConnectionPool(ConnectionPool):
                 budget had nothing free in time.
             ConfigurationError: ``timeout`` is not None or a finite number of seconds >= 0.
         """
+        deadline = None
         if timeout is not None:
             timeout = check_wait_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+            if timeout is not None:
+                deadline = time.monotonic() + timeout
+        conn = _resource_acquire(self, block, timeout)
+        # the warm path, inlined (it is what a pooled publish costs): a pooled connection
+        # that still holds its slot; one byte read of the pressure flag, one byte store into
+        # this process's own record, no lock, no syscall
+        at = conn._mppools_at
+        if at >= 0:
+            view = conn._mppools_view
+            try:
+                if not view[conn._mppools_pressure_at] & PRESSURE_DEBT:
+                    view[at] = STATE_BUSY
+                    return conn
+            except ValueError:  # the budget was closed meanwhile (mppools.close())
+                conn._mppools_view, conn._mppools_at = None, -1
+                return conn
+        return self._acquire_cold(conn, block, timeout, deadline)
+
+    @staticmethod
+    def _reuse(conn: LimitedConnection) -> bool | None:
+        """Whether ``conn``, just taken from the pool, can go out with the slot it holds
+        (True: marked busy), must give its slot back first (False: the budget is in debt),
+        or holds none (None)."""
+        at = conn._mppools_at
+        if at >= 0:
+            view = conn._mppools_view
+            try:
+                if not view[conn._mppools_pressure_at] & PRESSURE_DEBT:
+                    view[at] = STATE_BUSY
+                    return True
+            except ValueError:  # the budget was closed meanwhile (mppools.close())
+                conn._mppools_view, conn._mppools_at = None, -1
+                return True
+            return False
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        if slot is None or limiter is None:
+            return None
+        if limiter.in_debt():
+            return False
+        limiter.mark_busy(slot)
+        return True
+
+    def _acquire_cold(self, conn: LimitedConnection, block: bool, timeout: float | None,
+                      deadline: float | None) -> Any:
+        """The rest of :meth:`acquire`: pay a debt, take a slot for a connection without."""
         while True:
-            conn = super().acquire(block=block, timeout=timeout)
-            at = conn._mppools_at
-            if at >= 0:
-                # the warm path: a pooled connection that still holds its slot; one byte read
-                # of the pressure flag, one byte store into this process's own record, no
-                # lock, no syscall
-                view = conn._mppools_view
-                try:
-                    if not view[conn._mppools_pressure_at] & PRESSURE_DEBT:
-                        view[at] = STATE_BUSY
-                        return conn
-                except ValueError:  # the budget was closed meanwhile (mppools.close())
-                    conn._mppools_view, conn._mppools_at = None, -1
-                    return conn
-            else:
-                slot = conn._mppools_slot
-                if slot is None:
-                    break
-                limiter = conn._mppools_limiter
-                if not limiter.in_debt():
-                    limiter.mark_busy(slot)
-                    return conn
+            reuse = self._reuse(conn)
+            if reuse:
+                return conn
+            if reuse is None:
+                break
             # in debt: this slot is one too many; closing gives it back, which pays the
             # debt, and the connection goes last in the pool (it reconnects on demand)
             conn._mppools_close_taken()
             self._requeue_last(conn)
             if deadline is not None:
                 timeout = _remaining(deadline)
+            conn = _resource_acquire(self, block, timeout)
         if _config.current() is None:
             return conn
         try:
@@ -333,13 +401,15 @@ class LimitedConnectionPool(ConnectionPool):
         if at >= 0:
             view = resource._mppools_view
             now = time.monotonic()
+            resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
             try:
                 pressure = view[resource._mppools_pressure_at]
-                if pressure and (pressure & PRESSURE_DEBT or now >= resource._mppools_hand_on_at):
+                if pressure and (pressure & PRESSURE_DEBT or resource._mppools_turn_done(now)):
                     # someone waits and this connection had its quantum (or the budget
                     # shrank): hand the slot on, don't idle
+                    resource._mppools_note_turn(now)
                     resource._mppools_close_taken()
                 else:
                     resource._mppools_idle_since = now
@@ -352,10 +422,12 @@ class LimitedConnectionPool(ConnectionPool):
         elif resource._mppools_slot is not None:
             limiter = resource._mppools_limiter
             now = time.monotonic()
+            resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
             if limiter.in_debt() or (limiter.under_pressure() and
-                                     now >= resource._mppools_hand_on_at):
+                                     resource._mppools_turn_done(now)):
+                resource._mppools_note_turn(now)
                 resource._mppools_close_taken()
             else:
                 resource._mppools_idle_since = time.monotonic()

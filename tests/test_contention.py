@@ -182,3 +182,97 @@ def test_the_idle_grace_follows_the_hand_over_cost(budget_name: str) -> None:
     for _ in range(200):
         limiter.note_handover_cost(5.0)
     assert _keeper.idle_grace() == _keeper.MAX_IDLE_GRACE
+
+
+def test_the_use_rate_is_a_running_average(budget_name: str) -> None:
+    limiter = mppools.configure(limit=1, name=budget_name)
+    assert limiter.use_rate() == 0.0
+    limiter.note_use_rate(800.0)
+    assert limiter.use_rate() == pytest.approx(800.0)
+    limiter.note_use_rate(1600.0)
+    assert limiter.use_rate() == pytest.approx(900.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e12):
+        limiter.note_use_rate(bad)
+    assert limiter.use_rate() == pytest.approx(900.0)
+    # shared by every process of the budget: another handle reads the same estimate
+    from mppools.cli._common import open_budget
+
+    with open_budget(budget_name) as other:
+        assert other.use_rate() == pytest.approx(900.0)
+
+
+@pytest.mark.parametrize("rate", [10.0, 40.0])
+def test_a_turn_is_counted_in_uses_once_the_use_rate_is_known(
+    budget_name: str, rate: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fair turns: with the budget's use rate known, a busy connection hands its slot on
+    after rate x quantum uses while someone waits, however fast its process runs (here a
+    tight loop, thousands of uses per second: a quantum in time, 5 s, would keep it for
+    all of them), and the turn's own rate goes into the budget's estimate."""
+    from mppools import _keeper
+
+    monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)  # the gaps between uses are not idle
+    monkeypatch.setattr(_keeper, "MAX_IDLE_GRACE", 3600.0)
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=5.0,
+                                idle_timeout=None)
+    limiter.note_handover_cost(1.0)  # fitted quantum: min(5 s, 12 x 1 s) = 5 s
+    limiter.note_use_rate(rate)  # a quantum of 5 s x rate uses
+    expected = round(rate * 5.0)
+    pool = mppools.connections[Connection("memory://")]
+    conn = pool.acquire(block=True, timeout=5)
+    conn.connect()
+    waiter, outcome = _start_waiter(limiter, timeout=30)
+    uses = 0
+    deadline = time.monotonic() + 20
+    while conn._mppools_slot is not None and time.monotonic() < deadline:
+        conn.release()
+        uses += 1
+        if conn._mppools_slot is None:
+            break
+        conn = pool.acquire(block=True, timeout=5)
+    waiter.join(30)
+    assert outcome == ["got"]
+    assert uses == expected
+    # the turn ran far faster than `rate`: the estimate moved up
+    assert limiter.use_rate() > rate
+
+
+def test_a_slow_turn_still_ends_in_time(budget_name: str, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """A holder slower than the budget's use rate does not keep its slot for longer than
+    TURN_TIME_CAP x its quantum."""
+    from mppools import _keeper
+    from mppools.pools import TURN_TIME_CAP
+
+    monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)
+    monkeypatch.setattr(_keeper, "MAX_IDLE_GRACE", 3600.0)
+    monkeypatch.setattr(mppools.pools, "QUANTUM_FLOOR", 0.2)
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=0.2,
+                                idle_timeout=None)
+    limiter.note_handover_cost(0.0001)  # fitted: the floor, 0.2 s
+    limiter.note_use_rate(1e6)  # a million uses per quantum: never reached here
+    pool = mppools.connections[Connection("memory://")]
+    conn = pool.acquire(block=True, timeout=5)
+    taken = conn._mppools_taken_at
+    conn.connect()
+    got_at: list[float] = []
+
+    def wait() -> None:
+        slot = limiter.acquire(timeout=30)
+        got_at.append(time.monotonic())
+        limiter.release(slot)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while limiter.stats().waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    deadline = time.monotonic() + 20
+    while not got_at and time.monotonic() < deadline:
+        conn.release()  # handed on here, or by the keeper while it sits idle below
+        time.sleep(0.002)
+        conn = pool.acquire(block=True, timeout=5)
+    conn.release()
+    waiter.join(30)
+    assert got_at, "the slow holder kept its slot"
+    assert 0.2 * TURN_TIME_CAP <= got_at[0] - taken < 20

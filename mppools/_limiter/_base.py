@@ -21,6 +21,7 @@ from typing import ClassVar, Final
 from mppools import _fork
 
 __all__ = [
+    "MAX_USE_RATE",
     "PRESSURE_DEBT",
     "PRESSURE_WAITING",
     "STATE_BUSY",
@@ -44,6 +45,8 @@ STATE_IDLE: Final = 2
 #: budget holds more slots than its limit (after a forced shrink)
 PRESSURE_WAITING: Final = 1
 PRESSURE_DEBT: Final = 2
+#: uses per second above which a measured use rate is taken for a glitch (a torn read)
+MAX_USE_RATE: Final = 10_000_000.0
 
 
 def local_host() -> str:
@@ -232,6 +235,20 @@ class Limiter(abc.ABC):
             self._handover_cost = seconds if old <= 0.0 else old + (seconds - old) / 8
 
     _handover_cost: float = 0.0
+
+    def use_rate(self) -> float:
+        """How many uses per second a connection in active use has recently served during
+        its turn (a running average over the budget's users; 0.0 while unknown). A cheap
+        read; the pools size a hold quantum in uses with it, so turns are fair in uses."""
+        return self._use_rate
+
+    def note_use_rate(self, per_second: float) -> None:
+        """Fold one turn's uses per second into :meth:`use_rate`."""
+        if 0.0 < per_second < MAX_USE_RATE:
+            old = self._use_rate
+            self._use_rate = per_second if old <= 0.0 else old + (per_second - old) / 8
+
+    _use_rate: float = 0.0
 
     @property
     def acquire_timeout(self) -> float | None:

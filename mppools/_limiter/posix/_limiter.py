@@ -40,6 +40,7 @@ from mppools._errors import (
     PermissionDeniedError,
 )
 from mppools._limiter._base import (
+    MAX_USE_RATE,
     AuditReport,
     BudgetStats,
     HolderStats,
@@ -61,6 +62,7 @@ from mppools._slots import (
     PRESSURE_WAITING,
     SLOT_SIZE,
     TIMEOUTS_AT,
+    USE_RATE_AT,
     WAITER_SIZE,
     Header,
     SlotRecord,
@@ -432,6 +434,20 @@ class PosixLimiter(Limiter):
         old = self.handover_cost()
         _F64.pack_into(self._view, HANDOVER_COST_AT,
                        seconds if old <= 0.0 else old + (seconds - old) / 8)
+
+    def use_rate(self) -> float:
+        """Shared by every process of the budget (header field, read without the mutex)."""
+        if self._closed:
+            return 0.0
+        (value,) = _F64.unpack_from(self._view, USE_RATE_AT)
+        return float(value) if 0.0 < value < MAX_USE_RATE else 0.0  # NaN fails both
+
+    def note_use_rate(self, per_second: float) -> None:
+        if self._closed or not 0.0 < per_second < MAX_USE_RATE:
+            return
+        old = self.use_rate()
+        _F64.pack_into(self._view, USE_RATE_AT,
+                       per_second if old <= 0.0 else old + (per_second - old) / 8)
 
     # public API ------------------------------------------------------------------------------
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
