@@ -615,3 +615,53 @@ def test_a_stopped_master_is_fenced_by_its_watchdog(hosts: list[Host], redis_ser
           f"(ttl {TTL} s); proxy peak {stats['peak']}")
     assert answer == "OK 1", answer
     assert stats["peak"] <= 1, f"{stats['peak']} broker connections at once with limit 1"
+
+
+def test_a_dead_masters_workers_are_fenced_by_its_watchdog(redis_server: Any,
+                                                           budget_name: str) -> None:
+    # the master SIGKILLed while its worker lives and holds both slots: nobody renews, and
+    # before the watchdog nobody fenced either (the local limit stayed at 2 leases while
+    # they expired and went to other hosts). The watchdog fences at once; the master's own
+    # slot (the plug) died with it, so the local limit of 1 still covers one of the
+    # worker's slots: the other one is debt, closed at its next use
+    import subprocess
+    import sys
+
+    from support.lineproc import repo_env
+
+    script = (
+        "import mppools, os, sys, time\n"
+        f"lim = mppools.configure(2, name={budget_name!r}, backend={_spec(redis_server)!r},"
+        " idle_timeout=None)\n"
+        "r, w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    slots = [lim.acquire(timeout=5) for _ in range(2)]\n"
+        "    os.write(w, b'x')\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "os.read(r, 1)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n")
+    master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              env=repo_env(), text=True)
+    worker = 0
+    try:
+        assert master.stdout is not None
+        worker = int(master.stdout.readline())
+        local = posix.PosixLimiter.open(budget_name, create=False)
+        try:
+            assert local.limit == 3  # 2 leases and the master's plug
+            master.kill()
+            master.wait(10)
+            assert wait_until(lambda: local.limit == 1, 10, 0.01,
+                              what="the dead master's host fenced")
+            assert local.in_debt()  # one of the worker's slots: closed at its next use
+        finally:
+            local.close()
+    finally:
+        master.kill()
+        master.wait(10)
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
