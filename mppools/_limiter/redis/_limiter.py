@@ -41,9 +41,11 @@ instead of pooling it; keepers close idle pooled connections at once. So after a
   with a 2 s TTL): a connection released within that time after the fence is closed in
   time; one held longer is the case fencing does not cover.
 
-Not fenced at all: a host whose master died while its workers live (nobody renews nor
-fences: gunicorn and celery stop their workers when the master dies; the leases expire one
-TTL after the master's last renewal and other hosts may then take them).
+A master that is stopped, hung or dead cannot fence: its child, the lease watchdog
+(``_watchdog``), fences in its place at the deadline the master publishes (or at once when
+the master is gone). A dead master takes its own local slot (the plug) with it, so one
+connection of that host can outlive that fence; gunicorn and celery stop their workers when
+the master dies, and the leases expire one TTL after the master's last renewal.
 
 Wake-ups: the lease keeper sleeps until its next renewal, its next look at the other hosts
 (:data:`CHECK_EVERY`, only while it holds leases) or its fencing time, at most :data:`IDLE_WAKE`.
@@ -117,6 +119,15 @@ WAKE_SOCKET = "r-leases"
 #: the master's backend spec, for ``mppools status`` (0600, in the same 0700 directory)
 SPEC_FILE = "r-backend"
 
+#: how often the lease keeper looks at other hosts' queue to give back free leases (seconds)
+CHECK_EVERY = 0.1
+#: how long one borrowing attempt of the lease keeper may wait in the queue (seconds)
+BORROW_WAIT = 0.1
+#: with more hosts wanting leases than the limit (a fair share below one lease), how long a
+#: host keeps a lease while others wait before it hands one on (seconds): hosts take turns
+HOST_TURN = 1.0
+DEFAULT_TTL = 10.0
+
 
 def _spec_file(name: str) -> tuple[str, str] | None:
     """(backend spec, host id) as this host's master wrote them."""
@@ -133,14 +144,6 @@ def backend_of(name: str) -> str | None:
     cross-host budget (None: a POSIX budget, or none)."""
     found = _spec_file(name)
     return found[0] if found else None
-#: how often the lease keeper looks at other hosts' queue to give back free leases (seconds)
-CHECK_EVERY = 0.1
-#: how long one borrowing attempt of the lease keeper may wait in the queue (seconds)
-BORROW_WAIT = 0.1
-#: with more hosts wanting leases than the limit (a fair share below one lease), how long a
-#: host keeps a lease while others wait before it hands one on (seconds): hosts take turns
-HOST_TURN = 1.0
-DEFAULT_TTL = 10.0
 
 
 def validate_name(name: object) -> str:
