@@ -364,3 +364,39 @@ def test_status_lists_every_budget_and_flags_the_broken_ones(
     with pytest.raises(IncompatibleSegmentError):  # a damaged one is also incompatible
         PosixLimiter.open(next(n for n, f in broken_budgets.items() if f == "damaged"),
                           create=False)
+
+
+def test_status_does_not_re_create_a_lost_semaphore(
+    budget_name: str, workers: list[Worker], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A budget whose semaphore was removed (a hand-run cleanup, say) is flagged by status,
+    which changes nothing: it must not create a semaphore of count 0 (the budget would then
+    look healthy, its count wrong). A process that configures the budget re-creates it and
+    settles its count."""
+    import posix_ipc
+
+    from mppools._limiter.posix._names import sem_name, sem_path
+
+    limiter = PosixLimiter.open(budget_name, create=True, limit=2, capacity=4,
+                                acquire_timeout=0.3)
+    (w,) = _spawn(workers, limiter, 1)
+    assert w.call("acquire")[0] == "ok"  # a live holder in another process
+    limiter.close()  # this process has no handle now: status opens the budget afresh
+    posix_ipc.unlink_semaphore(sem_name(budget_name))
+    assert main(["status", budget_name]) != 0
+    err = capsys.readouterr().err
+    assert "lost its semaphore" in err and budget_name in err
+    assert not os.path.exists(sem_path(budget_name))
+    with pytest.raises(DamagedSegmentError, match="lost its semaphore"):
+        PosixLimiter.open(budget_name, create=False)
+    assert not os.path.exists(sem_path(budget_name))
+    joined = PosixLimiter.open(budget_name, create=True, limit=2)
+    try:
+        assert os.path.exists(sem_path(budget_name))
+        # one slot of two is held by the worker: exactly one more can be had
+        other = joined.acquire(timeout=1.0)
+        with pytest.raises(mppools.LimitExceeded):
+            joined.acquire(timeout=0.05)
+        joined.release(other)
+    finally:
+        joined.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -768,3 +770,51 @@ def test_a_refused_open_leaks_no_fd(budget_name: str) -> None:
         os.close(stop_w)
         os.close(ready_r)
         os.waitpid(pid, 0)
+
+
+_JOIN_PROBE = r"""
+import fcntl, os, sys
+from mppools._limiter.posix import _limiter, _names
+
+name = sys.argv[1]
+verdicts = []
+join = _limiter.PosixLimiter._join_or_recover
+
+
+def probing(self, *args, **kwargs):
+    # is the budget's mutex (lockf, byte 0 of the segment) still ours while we join?
+    fd = os.open(_names.shm_path(name), os.O_RDWR)  # closed only after open() returned
+    verdicts.append(fd)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            os._exit(0)
+        except OSError:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    verdicts.append("held" if status else "lost")
+    return join(self, *args, **kwargs)
+
+
+_limiter.PosixLimiter._join_or_recover = probing
+limiter = _limiter.PosixLimiter.open(name, create=True, limit=3)
+print(verdicts[1])
+limiter.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_joining_a_budget_keeps_its_mutex(budget_name: str) -> None:
+    """Processes join a budget concurrently (uWSGI --lazy-apps workers): each join (audit,
+    settle) must run under the budget's mutex, like every acquire. Reading the header through
+    a temporary mmap dup'ed the segment's fd and closed the dup, which dropped the
+    process-owned lockf."""
+    mppools.configure(3, budget_name)
+    try:
+        run = subprocess.run([sys.executable, "-c", _JOIN_PROBE, budget_name],
+                             capture_output=True, text=True, timeout=50, check=False)
+    finally:
+        mppools.close()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["held"], "the mutex was lost while joining the budget"

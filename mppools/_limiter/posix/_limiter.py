@@ -283,7 +283,7 @@ class PosixLimiter(Limiter):
         buf: mmap.mmap | None = None
         try:
             buf = mmap.mmap(shm.fd, size)
-            sem = open_semaphore(name, mode)
+            sem = open_semaphore(name, mode, create=create)
         except BaseException:
             if buf is not None:
                 buf.close()

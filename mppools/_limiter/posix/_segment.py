@@ -9,14 +9,18 @@ misread.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import stat
 from typing import Any
 
 import posix_ipc
 
-from mppools._errors import BudgetNotFoundError, IncompatibleSegmentError, PermissionDeniedError
+from mppools._errors import (
+    BudgetNotFoundError,
+    DamagedSegmentError,
+    IncompatibleSegmentError,
+    PermissionDeniedError,
+)
 from mppools._slots import HEADER_SIZE, LAYOUT_VERSION, MAGIC, SLOT_SIZE, WAITER_SIZE, Header, Table
 
 from ._names import rendezvous_dir, sem_name, sem_path, shm_name, shm_path, tokens_path
@@ -140,14 +144,26 @@ def open_shm(name: str, *, create: bool, size: int, mode: int) -> tuple[Any, boo
     return shm, created
 
 
-def open_semaphore(name: str, mode: int) -> Any:
-    """Open (or create) the budget's semaphore and check that it is this user's.
+def open_semaphore(name: str, mode: int, *, create: bool = True) -> Any:
+    """Open the budget's semaphore (creating it, count 0, with ``create``: the joiner's
+    audit then settles its count) and check that it is this user's.
 
     Raises:
         PermissionDeniedError: it cannot be opened, or another user made it.
+        DamagedSegmentError: without ``create``, there is none (an attach changes nothing,
+            so it does not make one).
     """
     try:
-        sem = posix_ipc.Semaphore(sem_name(name), posix_ipc.O_CREAT, mode, 0)
+        if create:
+            sem = posix_ipc.Semaphore(sem_name(name), posix_ipc.O_CREAT, mode, 0)
+        else:
+            sem = posix_ipc.Semaphore(sem_name(name))
+    except posix_ipc.ExistentialError:
+        raise DamagedSegmentError(
+            f"budget {name!r} has lost its semaphore ({sem_path(name)} is missing): a "
+            "process that configures the budget re-creates it and settles its count, or "
+            f"remove the budget with `mppools unlink {name} --force`"
+        ) from None
     except posix_ipc.PermissionsError:
         raise PermissionDeniedError(
             f"permission denied opening the semaphore of budget {name!r} ({sem_path(name)}); "
@@ -171,25 +187,31 @@ def read_header(name: str, fd: int, size: int) -> Header | None:
         IncompatibleSegmentError: not an mppools segment of this layout, or truncated.
     """
     where = shm_path(name)
+    # pread on the one fd this process keeps of the segment: opening and closing another
+    # (a temporary mmap dups the fd and closes the dup) would drop the budget mutex (a
+    # process-owned lockf) that the caller holds
     if size < HEADER_SIZE:
-        if size:
-            with open(where, "rb") as f:
-                if f.read(size).strip(b"\0"):
-                    raise IncompatibleSegmentError(
-                        f"{where} is not an mppools segment ({size} bytes); remove it with "
-                        f"`mppools unlink {name} --force`"
-                    )
+        if size and os.pread(fd, size, 0).strip(b"\0"):
+            raise IncompatibleSegmentError(
+                f"{where} is not an mppools segment ({size} bytes); remove it with "
+                f"`mppools unlink {name} --force`"
+            )
         return None
-    with mmap.mmap(fd, HEADER_SIZE) as head:
-        magic = bytes(head[: len(MAGIC)])
-        if magic != MAGIC:
-            if magic.strip(b"\0"):
-                raise IncompatibleSegmentError(
-                    f"{where} is not an mppools segment (magic {magic!r}); remove it with "
-                    f"`mppools unlink {name} --force`"
-                )
-            return None
-        header = Table(memoryview(head), 0, 0).read_header()
+    head = bytearray(os.pread(fd, HEADER_SIZE, 0))
+    if len(head) < HEADER_SIZE:  # truncated meanwhile
+        raise IncompatibleSegmentError(
+            f"{where} is not an mppools segment ({len(head)} bytes); remove it with "
+            f"`mppools unlink {name} --force`"
+        )
+    magic = bytes(head[: len(MAGIC)])
+    if magic != MAGIC:
+        if magic.strip(b"\0"):
+            raise IncompatibleSegmentError(
+                f"{where} is not an mppools segment (magic {magic!r}); remove it with "
+                f"`mppools unlink {name} --force`"
+            )
+        return None
+    header = Table(memoryview(head), 0, 0).read_header()
     if header.version != LAYOUT_VERSION or header.slot_size != SLOT_SIZE or (
         header.waiter_size != WAITER_SIZE or header.header_size != HEADER_SIZE
     ):
