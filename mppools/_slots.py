@@ -54,6 +54,7 @@ __all__ = [
     "HEADER_SIZE",
     "LAYOUT_VERSION",
     "MAGIC",
+    "OPENERS_AT",
     "PRESSURE_DEBT",
     "PRESSURE_WAITING",
     "SLOT",
@@ -98,6 +99,9 @@ SLOT_TOKENS_AT: Final = 1 << 40
 WAITER_TOKENS_AT: Final = 1 << 41
 #: the creator's token: held by the process that created (or adopted) the budget
 CREATOR_TOKEN_AT: Final = (1 << 40) - 1
+#: read-locked (shared) by every open file description that has the budget open: an unlink
+#: that is not forced is refused while another description holds it
+OPENERS_AT: Final = (1 << 40) - 2
 #: bits of the pressure byte (header offset FLAGS_AT), read by the warm path without a lock
 PRESSURE_WAITING: Final = 1
 PRESSURE_DEBT: Final = 2

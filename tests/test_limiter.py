@@ -818,3 +818,27 @@ def test_joining_a_budget_keeps_its_mutex(budget_name: str) -> None:
         mppools.close()
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["held"], "the mutex was lost while joining the budget"
+
+
+@pytest.mark.timeout(60)
+def test_the_creator_leaves_a_budget_that_another_process_has_open(budget_name: str) -> None:
+    """A creator that exits (close with unlink=None, what its atexit does) while another
+    process has the budget open but holds no slot at that moment (a uWSGI --lazy-apps
+    worker, a gunicorn worker between requests) must not remove it: that process would go
+    on with the removed budget while the next configure() makes a new one of the same name,
+    and the two would together allow up to twice the limit. Once nobody else has it open,
+    the same close removes it."""
+    from mppools._limiter.posix import exists
+
+    mppools.configure(limit=2, name=budget_name)
+    other = Worker({"ping": lambda: "pong"})  # forked: it has the budget open, holds nothing
+    try:
+        assert other.call("ping") == "pong"
+        mppools.close()  # unlink=None, as the creator's atexit
+        assert exists(name=budget_name), "removed under a process that has it open"
+        with pytest.raises(BudgetInUseError, match="still open in another process"):
+            mppools._limiter.posix.unlink(budget_name)
+    finally:
+        other.kill()
+    mppools._limiter.posix.unlink(budget_name)  # nobody has it open now
+    assert not exists(name=budget_name)

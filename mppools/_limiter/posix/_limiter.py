@@ -58,6 +58,7 @@ from mppools._slots import (
     LIMIT_AT,
     MAGIC,
     NEXT_TOKEN_AT,
+    OPENERS_AT,
     PRESSURE_DEBT,
     PRESSURE_WAITING,
     SLOT_SIZE,
@@ -280,6 +281,8 @@ class PosixLimiter(Limiter):
     ) -> PosixLimiter:
         """Open the token file, map the segment, open the semaphore; nothing leaks on error."""
         tfd = open_tokens(name, create=create)
+        # this description has the budget open: an unforced unlink elsewhere is refused
+        _tokens.share(tfd, OPENERS_AT)
         buf: mmap.mmap | None = None
         try:
             buf = mmap.mmap(shm.fd, size)
@@ -722,7 +725,9 @@ class PosixLimiter(Limiter):
             return
         # the parent's tokens live on our shared open file description: get our own, or
         # this child could neither prove its own slots nor see the parent's
-        if not _tokens.reopen(self._tfd, tokens_path(self.name)):
+        if _tokens.reopen(self._tfd, tokens_path(self.name)):
+            _tokens.share(self._tfd, OPENERS_AT)
+        else:
             self._broken = (
                 f"budget {self.name!r} cannot be used in this forked process: its token file "
                 f"could not be reopened (no /proc/self/fd, and {tokens_path(self.name)} is "
@@ -754,7 +759,10 @@ class PosixLimiter(Limiter):
         """Remove the budget's shared objects (this process's mapping stays valid).
 
         Raises:
-            BudgetInUseError: live processes other than this one use it, and not ``force``.
+            BudgetInUseError: live processes other than this one hold or wait for its slots,
+                or have it open (configured, attached: they may take slots at any time and
+                would go on with the removed budget while a new one of the same name starts
+                from zero), and not ``force``.
         """
         with self._locked():
             me = _self.me()
@@ -763,6 +771,12 @@ class PosixLimiter(Limiter):
                 raise BudgetInUseError(
                     f"budget {self.name!r} is still used by {len(users)} live process(es): "
                     f"pids {', '.join(map(str, sorted(users.values())))}"
+                )
+            if not force and _tokens.shared_by_others(self._tfd, OPENERS_AT):
+                raise BudgetInUseError(
+                    f"budget {self.name!r} is still open in another process (it holds no "
+                    "slot now, but may take one at any time); close it there first, or "
+                    f"`mppools unlink {self.name} --force` once it is stopped"
                 )
             remove_objects(self.name)
 
@@ -784,8 +798,9 @@ _fork.on_fork_in_child(_after_fork_in_child)
 def unlink(name: str, *, force: bool = False) -> None:
     """Remove the shared objects of budget ``name``.
 
-    Refused while live processes hold or wait for its slots, unless ``force``. With
-    ``force``, a segment that is not an mppools segment (or of another layout) is removed too.
+    Refused while live processes hold or wait for its slots, or have it open, unless
+    ``force``. With ``force``, a segment that is not an mppools segment (or of another
+    layout) is removed too.
 
     Raises:
         BudgetNotFoundError: no such budget.

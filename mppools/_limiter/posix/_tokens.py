@@ -22,7 +22,16 @@ import fcntl
 import os
 import struct
 
-__all__ = ["held_by_anyone", "held_in", "is_held", "release", "reopen", "take"]
+__all__ = [
+    "held_by_anyone",
+    "held_in",
+    "is_held",
+    "release",
+    "reopen",
+    "share",
+    "shared_by_others",
+    "take",
+]
 
 # struct flock on Linux x86-64/aarch64: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
 _FLOCK = struct.Struct("@hhqqi4x")
@@ -39,6 +48,21 @@ def take(fd: int, at: int) -> bool:
     except (BlockingIOError, PermissionError):
         return False
     return True
+
+
+def share(fd: int, at: int) -> bool:
+    """Read-lock the byte ``at`` for this open file description (many descriptions may);
+    False if a description holds it write-locked."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, at))
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def shared_by_others(fd: int, at: int) -> bool:
+    """True if a description other than ``fd``'s holds any lock on the byte ``at``."""
+    return is_held(fd, at)
 
 
 def release(fd: int, at: int) -> None:
