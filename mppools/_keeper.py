@@ -247,7 +247,11 @@ class Keeper:
             return
         if conn._mppools_take_if_idle():
             self.yielded += 1
+            limiter = conn._mppools_limiter
             conn._mppools_close_taken()
+            if limiter is not None:
+                with contextlib.suppress(Exception):  # counting never breaks a yield
+                    limiter.note_yield()
 
     def _sweep_idle(self) -> None:
         timeout = self._idle_timeout()

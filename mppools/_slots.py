@@ -66,6 +66,7 @@ __all__ = [
     "WAITER",
     "WAITER_SIZE",
     "WAITER_TOKENS_AT",
+    "YIELDS_AT",
     "Header",
     "SlotRecord",
     "SlotState",
@@ -202,6 +203,8 @@ HANDOVER_COST_AT: Final = 144
 #: a running average of how many uses a connection in active use serves per second of its
 #: turn (double; the same kind of estimate): sizes a hold quantum in uses (fair turns)
 USE_RATE_AT: Final = 152
+#: idle connections handed on because a waiter asked (u64, bumped under the mutex)
+YIELDS_AT: Final = 160
 assert HEADER.size == SLOTS_USED_AT + 4
 #: the header fields a mapping never sees change: magic, version, header, slot and waiter
 #: sizes, capacity, waiter capacity
@@ -330,6 +333,10 @@ class Table:
     @property
     def limit(self) -> int:
         return int(_U32.unpack_from(self.buf, LIMIT_AT)[0])
+
+    def read_u64(self, offset: int) -> int:
+        """The 64-bit counter at ``offset``."""
+        return int(_U64.unpack_from(self.buf, offset)[0])
 
     def bump(self, offset: int, delta: int = 1) -> int:
         """Add ``delta`` to the 64-bit counter at ``offset``; return its value before."""

@@ -78,9 +78,15 @@ def test_an_idle_connection_yields_at_once_whatever_the_quantum(budget_name: str
     with mppools.connections[Connection("memory://")].acquire(block=True, timeout=5) as c:
         c.connect()
     assert limiter.stats().in_use == 1  # idle in the pool, holding the slot
+    assert limiter.stats().extra["yields_total"] == 0
     slot = limiter.acquire(timeout=20)
     limiter.release(slot)
     assert limiter.stats().in_use == 0
+    # counted budget-wide (the keeper counts right after the close that handed it on)
+    deadline = time.monotonic() + 10
+    while limiter.stats().extra["yields_total"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert limiter.stats().extra["yields_total"] == 1
 
 
 def test_hold_quantum_is_validated(budget_name: str) -> None:

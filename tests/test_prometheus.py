@@ -100,7 +100,12 @@ def test_collector_values_are_the_budget_stats(budget_name: str, pooled: list[An
         assert families[metric].type == "counter"
         assert {s.name for s in families[metric].samples} == {metric + "_total"}
         assert f"# HELP {metric}_total " in text and f"# TYPE {metric}_total counter" in text
-    assert all(f.type == "gauge" for n, f in families.items() if n not in COUNTERS)
+    # the budget-wide count of idle yields, from stats' extra
+    assert families["mppools_yields"].type == "counter"
+    assert _value(registry, "mppools_yields_total", budget=budget_name) == \
+        stats.extra["yields_total"] == 0
+    assert all(f.type == "gauge" for n, f in families.items()
+               if n not in {*COUNTERS, "mppools_yields"})
     assert "mppools_holder_slots" not in families  # per-holder series are opt-in
 
 

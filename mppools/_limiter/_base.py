@@ -250,6 +250,14 @@ class Limiter(abc.ABC):
 
     _use_rate: float = 0.0
 
+    def note_yield(self) -> None:
+        """Count one idle connection handed on at a waiter's request (``yields_total`` in
+        :meth:`stats` ``extra``, where the backend keeps a budget-wide count; this default
+        counts in this process only)."""
+        self._yields_total += 1
+
+    _yields_total: int = 0
+
     @property
     def acquire_timeout(self) -> float | None:
         """The wait bound of an acquire without an explicit timeout (None: forever)."""

@@ -65,6 +65,7 @@ from mppools._slots import (
     TIMEOUTS_AT,
     USE_RATE_AT,
     WAITER_SIZE,
+    YIELDS_AT,
     Header,
     SlotRecord,
     SlotState,
@@ -452,6 +453,12 @@ class PosixLimiter(Limiter):
         _F64.pack_into(self._view, USE_RATE_AT,
                        per_second if old <= 0.0 else old + (per_second - old) / 8)
 
+    def note_yield(self) -> None:
+        if self._closed:
+            return
+        with self._locked():
+            self._table.bump(YIELDS_AT)
+
     # public API ------------------------------------------------------------------------------
     def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
@@ -699,7 +706,8 @@ class PosixLimiter(Limiter):
             idle_timeout=_timeout_value(header.idle_timeout),
             hold_quantum=header.hold_quantum,
             extra={"capacity": header.capacity, "semaphore": sem_value,
-                   "generation": header.generation, "segment_bytes": len(self._view)},
+                   "generation": header.generation, "segment_bytes": len(self._view),
+                   "yields_total": self._table.read_u64(YIELDS_AT)},
         )
 
     def keeper_address(self) -> str:
