@@ -4,8 +4,12 @@
   (``on_starting`` / ``child_exit`` / ``on_exit``).
 * :mod:`mppools.integrations.celery`: ``install(app)`` for a celery app (prefork workers,
   and any process that publishes with ``apply_async`` / ``send_task``).
+* :mod:`mppools.integrations.uwsgi`: ``setup(limit, name=...)`` in a uWSGI app (preforked
+  or ``--lazy-apps``), with its post-fork hook and the master's cleanup command.
+* :mod:`mppools.integrations.prometheus`: a prometheus_client ``Collector`` for the app's
+  own ``/metrics`` (the ``mppools[prometheus]`` extra).
 
-Both read the budget's settings from their arguments or from the environment:
+The gunicorn, celery and uwsgi integrations read the budget's settings from their arguments or from the environment:
 
 ``MPPOOLS_LIMIT``
     the host-wide number of broker connections (required unless given as an argument);
