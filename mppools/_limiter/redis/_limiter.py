@@ -364,12 +364,13 @@ class RedisLimiter(Limiter):
             logger.warning("mppools: budget %r: no lease watchdog (%s): a stopped master will "
                            "not be fenced", self.name, exc)
 
-    def _publish(self) -> None:
-        """Tell the watchdog the deadline of what this host lends out (0: nothing)."""
+    def _publish(self, *, lending: bool = False) -> None:
+        """Tell the watchdog the deadline of what this host lends out (0: nothing), or is
+        about to (``lending``)."""
         board, lease = self._board, self._lease
         if board is not None and lease is not None:
             with contextlib.suppress(MppoolsError, ValueError, OSError):
-                board.write(lease.deadline if self._local.limit > 1 else None)
+                board.write(lease.deadline if lending or self._local.limit > 1 else None)
 
     def _poke(self) -> None:
         """Tell this host's lease keeper that a process is about to wait (best effort)."""
@@ -528,9 +529,10 @@ class RedisLimiter(Limiter):
             return 0
         self._health = None
         self._limit_seen = lease.limit
-        self._local.resize(self._local.limit + got)
         if got:
+            self._publish(lending=True)  # the watchdog knows of them before they are lent
             self._granted_at = time.monotonic()
+        self._local.resize(self._local.limit + got)
         return got
 
     def _borrow_for_waiters(self) -> None:
