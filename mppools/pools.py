@@ -175,7 +175,11 @@ class LimitedConnection(PooledConnection):
         slot, limiter = self._mppools_slot, self._mppools_limiter
         if slot is None or limiter is None:
             return
-        limiter.note_handover_cost(time.time() - slot.acquired_at)
+        # from the grant (wall clock, stamped by whoever granted: it counts the wake-up) or,
+        # if the wall clock stepped meanwhile, from when this process had the slot
+        local = now - self._mppools_taken_at
+        granted = time.time() - slot.acquired_at
+        limiter.note_handover_cost(granted if local <= granted <= local + 1.0 else local)
         self._mppools_first_done_at = now
         quantum = self._fitted_quantum(limiter)
         rate = limiter.use_rate()

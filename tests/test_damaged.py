@@ -342,7 +342,13 @@ def test_status_lists_every_budget_and_flags_the_broken_ones(
             for name, flag in broken_budgets.items():
                 assert flag in kinds[name]
             assert main(["status", "--prometheus"]) == 0
-            assert f'mppools_slots_limit{{budget="{budget_name}"}} 3' in capsys.readouterr().out
+            text = capsys.readouterr().out
+            assert f'mppools_slots_limit{{budget="{budget_name}"}} 3' in text
+            # a repairable damage and the unreadable budgets, as series a scraper can alert on
+            assert f'mppools_budget_damaged{{budget="{odd}"}} 1' in text
+            assert f'mppools_budget_damaged{{budget="{budget_name}"}} 0' in text
+            for name in broken_budgets:
+                assert f'mppools_budget_up{{budget="{name}"}} 0' in text, name
 
             # a broken budget by name: one line on stderr, a non-zero status
             for name in (bad, *broken_budgets):

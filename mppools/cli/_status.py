@@ -339,7 +339,9 @@ def _render(
             default=str, indent=indent,
         ), status
     if prometheus:
-        text = render_prometheus(s for s, _ in snapshots)
+        text = render_prometheus([s for s, _ in snapshots],
+                                 damage={s.name: d for s, d in snapshots},
+                                 broken=[n for n, _, _ in broken])
         text += "".join(f"# budget {s.name!r} damaged: {'; '.join(d)}\n"
                         for s, d in snapshots if d)
         text += "".join(f"# budget {n!r} unreadable ({k}): {' '.join(e.split())}\n"

@@ -9,7 +9,8 @@
 * :mod:`mppools.integrations.prometheus`: a prometheus_client ``Collector`` for the app's
   own ``/metrics`` (the ``mppools[prometheus]`` extra).
 
-The gunicorn, celery and uwsgi integrations read the budget's settings from their arguments or from the environment:
+The gunicorn, celery and uwsgi integrations read the budget's settings from their
+arguments or from the environment:
 
 ``MPPOOLS_LIMIT``
     the host-wide number of broker connections (required unless given as an argument);

@@ -700,6 +700,15 @@ class RedisLimiter(Limiter):
     def note_handover_cost(self, seconds: float) -> None:
         self._local.note_handover_cost(seconds)
 
+    def use_rate(self) -> float:
+        return self._local.use_rate()
+
+    def note_use_rate(self, per_second: float) -> None:
+        self._local.note_use_rate(per_second)
+
+    def note_yield(self) -> None:
+        self._local.note_yield()
+
     @property
     def limit(self) -> int:
         """The budget's limit across hosts, as last seen from the coordination server."""
