@@ -665,3 +665,78 @@ def test_a_dead_masters_workers_are_fenced_by_its_watchdog(redis_server: Any,
         if worker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
+                                                      budget_name: str) -> None:
+    # the master SIGKILLed while its worker keeps using a pooled connection: the master's
+    # plug slot dies with it, so a fence to the local limit of 1 alone would leave the
+    # worker one connection for ever, with no lease behind it once the leases lapse (other
+    # hosts take them). The watchdog takes that slot itself: the worker's connection is
+    # handed on to it, and the worker gets no slot any more; once nobody else on this host
+    # has the budget open, the watchdog lets go and exits
+    import subprocess
+    import sys
+
+    from support.lineproc import repo_env
+
+    script = (
+        "import mppools, os, sys, time\n"
+        "from kombu import Connection\n"
+        f"lim = mppools.configure(2, name={budget_name!r}, backend={_spec(redis_server)!r},"
+        " idle_timeout=None)\n"
+        "r, w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    pool = mppools.connections[Connection('memory://')]\n"
+        "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
+        "    os.write(w, b'x')\n"
+        "    end = time.monotonic() + 80\n"
+        "    while time.monotonic() < end:\n"
+        "        try:\n"
+        "            c = pool.acquire(block=True, timeout=0.2)\n"
+        "        except mppools.LimitExceeded:\n"
+        "            continue\n"
+        "        c.connect(); c.release(); time.sleep(0.005)\n"
+        "    os._exit(0)\n"
+        "os.read(r, 1)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(80)\n")
+    master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              env=repo_env(), text=True)
+    worker = 0
+    try:
+        assert master.stdout is not None
+        worker = int(master.stdout.readline())
+        local = posix.PosixLimiter.open(budget_name, create=False)
+        try:
+            holders = {h.pid for h in local.stats().holders}
+            assert worker in holders and master.pid in holders  # its slot, the plug
+            master.kill()
+            master.wait(10)
+
+            def worker_holds() -> int:
+                return sum(h.slots for h in local.stats().holders if h.pid == worker)
+
+            assert wait_until(lambda: local.limit == 1 and worker_holds() == 0, 20, 0.01,
+                              what="the worker's connection handed to the watchdog")
+            (stand_in,) = [h.pid for h in local.stats().holders]
+            assert stand_in not in (worker, master.pid)
+            for _ in range(50):  # and it stays so while the worker keeps trying
+                assert worker_holds() == 0
+                time.sleep(0.01)
+        finally:
+            local.close()
+        os.kill(worker, signal.SIGKILL)
+        worker = 0
+        # nobody else has the budget open: the watchdog lets go and exits
+        assert wait_until(lambda: not os.path.exists(f"/proc/{stand_in}")
+                          or open(f"/proc/{stand_in}/stat").read().split()[2] == "Z",
+                          40, 0.05, what="the watchdog gone")
+    finally:
+        master.kill()
+        master.wait(10)
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)

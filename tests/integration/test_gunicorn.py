@@ -111,9 +111,10 @@ def _scenario(rabbit: RabbitMQServer, tmp_path: Path, budget: str | None, *, cha
             stats = mppools.stats() if budget else None
             master_pid = server.proc.pid
         finally:
-            server.stop()
+            # detach first: the master's on_exit leaves a budget another process has open
             with contextlib.suppress(Exception):
                 mppools.close(unlink=False)
+            server.stop()
         assert wait_until(lambda: proxy.current == 0, 10)
     found = drain_queue(direct, queue)
     refusals = read_refusals(refusals_path)

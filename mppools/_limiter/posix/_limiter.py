@@ -723,6 +723,10 @@ class PosixLimiter(Limiter):
         with self._locked():
             return set(self._books.live_users(_self.me()).values())
 
+    def opened_elsewhere(self) -> bool:
+        """True if another process (another open file description) has this budget open."""
+        return not self._closed and _tokens.shared_by_others(self._tfd, OPENERS_AT)
+
     def is_creator(self) -> bool:
         return self._table.read_header().creator_owner == _self.me().owner
 
@@ -780,7 +784,7 @@ class PosixLimiter(Limiter):
                     f"budget {self.name!r} is still used by {len(users)} live process(es): "
                     f"pids {', '.join(map(str, sorted(users.values())))}"
                 )
-            if not force and _tokens.shared_by_others(self._tfd, OPENERS_AT):
+            if not force and self.opened_elsewhere():
                 raise BudgetInUseError(
                     f"budget {self.name!r} is still open in another process (it holds no "
                     "slot now, but may take one at any time); close it there first, or "

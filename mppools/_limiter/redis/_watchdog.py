@@ -13,6 +13,14 @@ in its place: the local limit drops to none, idle connections are closed by thei
 once, busy ones at their release (what fencing covers, see ``_limiter``). A live master
 fences itself before the deadline, so the watchdog never acts for a healthy one.
 
+A dead master's own slot (the plug that keeps the local limit one above what the host lends
+out) goes with it, so a local limit of one would still let one worker keep a connection for
+a lease that has lapsed. So after fencing for a dead master the watchdog takes a slot itself
+and holds it in the plug's place (the workers' connections in debt close at their next use;
+the others hand theirs on within their hold quantum, or idle ones at once, to the waiting
+watchdog), for as long as other processes of this host have the budget open and no new
+master has taken over; then it lets go and exits.
+
 Deadline values: ``> 0`` a deadline, ``0`` nothing lent out, ``-1`` the master closed the
 budget (the watchdog exits).
 """
@@ -26,6 +34,7 @@ import select
 import struct
 import sys
 import time
+from typing import Any
 
 __all__ = ["DEADLINE_FILE", "Board", "main"]
 
@@ -33,6 +42,8 @@ DEADLINE_FILE = "r-deadline"
 _FMT = struct.Struct("<qq")
 #: the longest the watchdog sleeps between two looks (seconds)
 LOOK_EVERY = 1.0
+#: how long the watchdog waits for the slot it holds in a dead master's place, at a time
+STAND_IN_WAIT = 30.0
 
 
 def _path(name: str) -> str:
@@ -76,7 +87,9 @@ class Board:
             self._map.close()
 
 
-def _fence(name: str, why: str) -> None:
+def _fence(name: str, why: str, *, master: int = 0) -> None:
+    """Shrink the local budget to the plug's one slot; with ``master`` (it died), hold that
+    slot in the plug's place (:func:`_stand_in`)."""
     from mppools._errors import MppoolsError
     from mppools._limiter.posix import PosixLimiter
 
@@ -89,8 +102,47 @@ def _fence(name: str, why: str) -> None:
             local.resize(1, force=True)  # the master's plug only: nothing to hand out
             print(f"mppools watchdog: budget {name!r} fenced on this host: {why}",
                   file=sys.stderr, flush=True)
+        if master:
+            _stand_in(local, master)
     finally:
         local.close()
+
+
+def _taken_over(name: str, master: int) -> bool:
+    """True once another master publishes on the board (or the budget is gone). Read by
+    path, not through the mapping: a new master truncates the file as it starts."""
+    try:
+        with open(_path(name), "rb") as f:
+            data = f.read(_FMT.size)
+    except OSError:
+        return True
+    if len(data) < _FMT.size:
+        return False  # being rewritten right now
+    deadline, pid = _FMT.unpack(data)
+    return deadline == -1 or pid not in (0, master)
+
+
+def _stand_in(local: Any, master: int) -> None:
+    """Hold one slot of ``local`` in the dead master's place while other processes of this
+    host use the budget and no new master took over."""
+    from mppools._errors import MppoolsError
+
+    slot = None
+    try:
+        while local.opened_elsewhere() and not _taken_over(local.name, master):
+            if slot is None:
+                try:
+                    # waiting sets the pressure flag: the workers' connections are handed on
+                    # to us at their next release after their quantum, idle ones at once
+                    slot = local.acquire(timeout=STAND_IN_WAIT)
+                except MppoolsError:
+                    continue
+            else:
+                select.select([], [], [], LOOK_EVERY)
+    finally:
+        if slot is not None:
+            with contextlib.suppress(MppoolsError):
+                local.release(slot)
 
 
 def _read(board: mmap.mmap) -> int:
@@ -121,14 +173,14 @@ def main(argv: list[str]) -> int:
             return 0
         orphaned = os.getppid() != master  # the master died: we were handed to init
         now = time.monotonic_ns()
-        if deadline > 0 and deadline != fenced_for and (orphaned or now >= deadline):
-            why = (f"its master (pid {master}) is gone" if orphaned else
-                   f"its master (pid {master}) did not renew the leases by the fencing "
-                   f"deadline ({(now - deadline) / 1e6:.0f} ms ago)")
-            _fence(name, why)
-            fenced_for = deadline
         if orphaned:
+            # lending or not, its plug went with it: stand in for it
+            _fence(name, f"its master (pid {master}) is gone", master=master)
             return 0
+        if deadline > 0 and deadline != fenced_for and now >= deadline:
+            _fence(name, f"its master (pid {master}) did not renew the leases by the fencing "
+                         f"deadline ({(now - deadline) / 1e6:.0f} ms ago)")
+            fenced_for = deadline
         if deadline > 0 and deadline != fenced_for:
             pause = min(LOOK_EVERY, max(0.001, (deadline - now) / 1e9))
         else:
