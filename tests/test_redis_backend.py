@@ -617,65 +617,13 @@ def test_a_stopped_master_is_fenced_by_its_watchdog(hosts: list[Host], redis_ser
     assert stats["peak"] <= 1, f"{stats['peak']} broker connections at once with limit 1"
 
 
-def test_a_dead_masters_workers_are_fenced_by_its_watchdog(redis_server: Any,
-                                                           budget_name: str) -> None:
-    # the master SIGKILLed while its worker lives and holds both slots: nobody renews, and
-    # before the watchdog nobody fenced either (the local limit stayed at 2 leases while
-    # they expired and went to other hosts). The watchdog fences at once; the master's own
-    # slot (the plug) died with it, so the local limit of 1 still covers one of the
-    # worker's slots: the other one is debt, closed at its next use
-    import subprocess
-    import sys
-
-    from support.lineproc import repo_env
-
-    script = (
-        "import mppools, os, sys, time\n"
-        f"lim = mppools.configure(2, name={budget_name!r}, backend={_spec(redis_server)!r},"
-        " idle_timeout=None)\n"
-        "r, w = os.pipe()\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    slots = [lim.acquire(timeout=5) for _ in range(2)]\n"
-        "    os.write(w, b'x')\n"
-        "    time.sleep(60)\n"
-        "    os._exit(0)\n"
-        "os.read(r, 1)\n"
-        "print(pid, flush=True)\n"
-        "time.sleep(60)\n")
-    master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                              env=repo_env(), text=True)
-    worker = 0
-    try:
-        assert master.stdout is not None
-        worker = int(master.stdout.readline())
-        local = posix.PosixLimiter.open(budget_name, create=False)
-        try:
-            assert local.limit == 3  # 2 leases and the master's plug
-            master.kill()
-            master.wait(10)
-            assert wait_until(lambda: local.limit == 1, 10, 0.01,
-                              what="the dead master's host fenced")
-            assert local.in_debt()  # one of the worker's slots: closed at its next use
-        finally:
-            local.close()
-    finally:
-        master.kill()
-        master.wait(10)
-        if worker:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGKILL)
-
-
-@pytest.mark.timeout(90)
-def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
-                                                      budget_name: str) -> None:
-    # the master SIGKILLed while its worker keeps using a pooled connection: the master's
-    # plug slot dies with it, so a fence to the local limit of 1 alone would leave the
-    # worker one connection for ever, with no lease behind it once the leases lapse (other
-    # hosts take them). The watchdog takes that slot itself: the worker's connection is
-    # handed on to it, and the worker gets no slot any more; once nobody else on this host
-    # has the budget open, the watchdog lets go and exits
+@contextlib.contextmanager
+def _master_with_worker(redis_server: Any, budget_name: str, worker_body: str,
+                        seconds: int = 60) -> Iterator[tuple[Any, list[int]]]:
+    """A master process (limit 2 across hosts) that forks one worker running
+    ``worker_body`` (Python lines, indented by 4; it writes to the pipe ``w`` once ready);
+    yields the master's Popen and [the worker's pid], and SIGKILLs both at the end (a test
+    that killed the worker itself sets the pid to 0)."""
     import subprocess
     import sys
 
@@ -689,26 +637,70 @@ def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
         "r, w = os.pipe()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    pool = mppools.connections[Connection('memory://')]\n"
-        "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
-        "    os.write(w, b'x')\n"
-        "    end = time.monotonic() + 80\n"
-        "    while time.monotonic() < end:\n"
-        "        try:\n"
-        "            c = pool.acquire(block=True, timeout=0.2)\n"
-        "        except mppools.LimitExceeded:\n"
-        "            continue\n"
-        "        c.connect(); c.release(); time.sleep(0.005)\n"
+        f"{worker_body}"
         "    os._exit(0)\n"
         "os.read(r, 1)\n"
         "print(pid, flush=True)\n"
-        "time.sleep(80)\n")
+        f"time.sleep({seconds})\n")
     master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               env=repo_env(), text=True)
-    worker = 0
+    worker = [0]
     try:
         assert master.stdout is not None
-        worker = int(master.stdout.readline())
+        worker[0] = int(master.stdout.readline())
+        yield master, worker
+    finally:
+        master.kill()
+        master.wait(10)
+        if worker[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker[0], signal.SIGKILL)
+
+
+def test_a_dead_masters_workers_are_fenced_by_its_watchdog(redis_server: Any,
+                                                           budget_name: str) -> None:
+    # the master SIGKILLed while its worker lives and holds both slots: nobody renews, and
+    # before the watchdog nobody fenced either (the local limit stayed at 2 leases while
+    # they expired and went to other hosts). The watchdog fences at once; the master's own
+    # slot (the plug) died with it, so the local limit of 1 still covers one of the
+    # worker's slots: the other one is debt, closed at its next use
+    body = ("    slots = [lim.acquire(timeout=5) for _ in range(2)]\n"
+            "    os.write(w, b'x')\n"
+            "    time.sleep(60)\n")
+    with _master_with_worker(redis_server, budget_name, body) as (master, _):
+        local = posix.PosixLimiter.open(budget_name, create=False)
+        try:
+            assert local.limit == 3  # 2 leases and the master's plug
+            master.kill()
+            master.wait(10)
+            assert wait_until(lambda: local.limit == 1, 10, 0.01,
+                              what="the dead master's host fenced")
+            assert local.in_debt()  # one of the worker's slots: closed at its next use
+        finally:
+            local.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
+                                                      budget_name: str) -> None:
+    # the master SIGKILLed while its worker keeps using a pooled connection: the master's
+    # plug slot dies with it, so a fence to the local limit of 1 alone would leave the
+    # worker one connection for ever, with no lease behind it once the leases lapse (other
+    # hosts take them). The watchdog takes that slot itself: the worker's connection is
+    # handed on to it, and the worker gets no slot any more; once nobody else on this host
+    # has the budget open, the watchdog lets go and exits
+    body = ("    pool = mppools.connections[Connection('memory://')]\n"
+            "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
+            "    os.write(w, b'x')\n"
+            "    end = time.monotonic() + 80\n"
+            "    while time.monotonic() < end:\n"
+            "        try:\n"
+            "            c = pool.acquire(block=True, timeout=0.2)\n"
+            "        except mppools.LimitExceeded:\n"
+            "            continue\n"
+            "        c.connect(); c.release(); time.sleep(0.005)\n")
+    with _master_with_worker(redis_server, budget_name, body, seconds=80) as (master, w):
+        worker = w[0]
         local = posix.PosixLimiter.open(budget_name, create=False)
         try:
             holders = {h.pid for h in local.stats().holders}
@@ -729,14 +721,8 @@ def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
         finally:
             local.close()
         os.kill(worker, signal.SIGKILL)
-        worker = 0
+        w[0] = 0
         # nobody else has the budget open: the watchdog lets go and exits
         assert wait_until(lambda: not os.path.exists(f"/proc/{stand_in}")
                           or open(f"/proc/{stand_in}/stat").read().split()[2] == "Z",
                           40, 0.05, what="the watchdog gone")
-    finally:
-        master.kill()
-        master.wait(10)
-        if worker:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGKILL)
