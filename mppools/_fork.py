@@ -24,7 +24,7 @@ from typing import Protocol
 
 __all__ = [
     "ForkAware", "bury", "current_epoch", "drop_inherited", "on_fork_in_child", "register",
-    "unregister",
+    "unregister", "walk_sockets",
 ]
 
 logger = logging.getLogger("mppools")
@@ -96,7 +96,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _walk_sockets(root: object, budget: int = 20000) -> list[socket.socket]:
+def walk_sockets(root: object, budget: int = 20000) -> list[socket.socket]:
     """Every ``socket.socket`` reachable from ``root`` through instance state and containers.
 
     Generic on purpose: py-amqp keeps one socket on its transport, redis-py one per pooled
@@ -148,7 +148,7 @@ def drop_inherited(obj: object) -> int:
     on a detached socket. Returns how many sockets were dropped.
     """
     dropped = 0
-    for sock in _walk_sockets(obj):
+    for sock in walk_sockets(obj):
         try:
             fd = sock.detach()
         except OSError:

@@ -47,6 +47,9 @@ IDLE_GRACE = 0.002
 #: ... but a connection used more often than a hand-over costs is worth keeping: the grace
 #: grows to the budget's hand-over cost (what a waiter would pay to reconnect), up to this
 MAX_IDLE_GRACE = 0.05
+#: how long a connection in use may finish what it does (a publish) after a sever request
+#: before its sockets are cut (seconds; well inside the cross-host fencing margin)
+SEVER_GRACE = 0.05
 
 
 def idle_grace() -> float:
@@ -89,6 +92,9 @@ class Keeper:
         self._held: dict[int, weakref.ref[LimitedConnection]] = {}
         #: yield requests to look at again when their connection may yield (keeper thread)
         self._deferred: dict[int, float] = {}
+        #: sever requests, due at (keeper thread)
+        self._severs: dict[int, float] = {}
+        self.severed = 0
         self._poker: socket.socket | None = None  # wakes our own thread (look_again)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -193,7 +199,7 @@ class Keeper:
         sweep_at = time.monotonic() + self._next_sweep_in()
         while not self._stopping:
             now = time.monotonic()
-            due = min([sweep_at, *list(self._deferred.values())])
+            due = min([sweep_at, *list(self._deferred.values()), *list(self._severs.values())])
             try:
                 # never 0: settimeout(0) would make the socket non-blocking
                 sock.settimeout(max(due - now, 0.0005))
@@ -203,9 +209,13 @@ class Keeper:
             except OSError:
                 return  # closed by stop() or after fork
             else:
-                token = _yield.decode(data)
-                if token is not None and _sender_trusted(ancdata) and _someone_waits():
-                    self._yield_token(token)
+                request = _yield.decode(data)
+                if request is not None and _sender_trusted(ancdata):
+                    kind, token = request
+                    if kind == _yield.SEVER:
+                        self._severs.setdefault(token, time.monotonic() + SEVER_GRACE)
+                    elif _someone_waits():
+                        self._yield_token(token)
             now = time.monotonic()
             if now >= sweep_at:
                 self._sweep_idle()
@@ -215,6 +225,9 @@ class Keeper:
                 self._deferred.pop(deferred, None)
                 if _someone_waits():
                     self._yield_token(deferred)
+            for token in [t for t, at in list(self._severs.items()) if at <= now]:
+                self._severs.pop(token, None)
+                self._sever_token(token)
 
     @staticmethod
     def _idle_timeout() -> float | None:
@@ -253,6 +266,30 @@ class Keeper:
                 with contextlib.suppress(Exception):  # counting never breaks a yield
                     limiter.note_yield()
 
+    def _sever_token(self, token: int) -> None:
+        """A sever request is due: if the budget is still in debt (its leases were lost), an
+        idle connection holding ``token`` is handed on, a busy one has its sockets cut (the
+        holder's next I/O fails; the slot goes back at its release)."""
+        from mppools import _config
+
+        limiter = _config.current()
+        if limiter is None or not limiter.in_debt():
+            return
+        with self._lock:
+            ref = self._held.get(token)
+        conn = ref() if ref is not None else None
+        if conn is None:
+            return
+        if conn._mppools_take_if_idle():
+            self.yielded += 1
+            conn._mppools_close_taken()
+            return
+        if conn._mppools_sever():
+            self.severed += 1
+            logger.warning("mppools: budget %r: cut the sockets of a connection in use (its "
+                           "lease could not be renewed; it is given back at its release)",
+                           limiter.name)
+
     def _sweep_idle(self) -> None:
         timeout = self._idle_timeout()
         if not timeout:
@@ -270,6 +307,7 @@ class Keeper:
         sock, self._sock, self._thread, self._address = self._sock, None, None, None
         self._held = {}
         self._deferred = {}
+        self._severs = {}
         poker, self._poker = self._poker, None
         if poker is not None:
             poker.close()

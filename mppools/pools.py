@@ -25,6 +25,8 @@ What differs from kombu.pools, on purpose:
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 import time
 import weakref
 from collections.abc import Iterator
@@ -119,6 +121,8 @@ class LimitedConnection(PooledConnection):
     _mppools_uses: int = 0
     _mppools_turn_uses: int = 0
     _mppools_first_done_at: float = 0.0
+    #: its sockets were cut (its lease was lost): closed at its release, never reused
+    _mppools_severed: bool = False
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
@@ -138,6 +142,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_hand_on_at = now + self._fitted_quantum(limiter)
         self._mppools_first_use = True
         self._mppools_uses = self._mppools_turn_uses = 0
+        self._mppools_severed = False
         cells = limiter.cells(slot)
         if cells is not None:
             self._mppools_view, self._mppools_at, self._mppools_pressure_at = cells
@@ -257,6 +262,19 @@ class LimitedConnection(PooledConnection):
         except Exception:  # a broken connection still gives its slot back
             self._mppools_give_back()
 
+    def _mppools_sever(self) -> bool:
+        """Cut this connection's broker sockets (``shutdown``), from any thread, while its
+        holder may be using it: the broker sees it closed at once, the holder's next I/O
+        fails (and cannot reconnect underneath mppools), and the slot goes back at its
+        release, when the pool closes it (in debt). False if no socket was found (a
+        transport mppools does not know, or not connected)."""
+        if not _sever_transport(self._connection):
+            return False
+        # off the warm path: the pools look at it at its next release or reuse
+        self._mppools_severed = True
+        self._mppools_at = -1
+        return True
+
     def _mppools_drop_inherited(self) -> None:
         """In a forked child: forget the parent's connection without any I/O."""
         _fork.drop_inherited(self)
@@ -268,6 +286,48 @@ class LimitedConnection(PooledConnection):
         self._connection = None
         self._transport = None
         self._default_channel = None
+
+
+def _refused(*args: Any, **kwargs: Any) -> Any:
+    raise ConnectionRefusedError(
+        errno.ECONNREFUSED,
+        "mppools: this connection was cut because its slot's lease could not be renewed (the "
+        "host is fenced); it reconnects only with a slot")
+
+
+def _sever_transport(raw: Any) -> bool:
+    """Cut the broker sockets of a kombu transport connection (``shutdown``: every socket
+    reachable from it, as the fork handler finds them) and keep it from reconnecting
+    underneath mppools: redis-py's client pools (kombu's redis channels) would otherwise
+    replace a dead socket by a new one at the next command. Runs in another thread than
+    the holder's. False if no socket was found."""
+    if raw is None:
+        return False
+    channels = getattr(raw, "channels", None) or ()
+    if isinstance(channels, dict):  # py-amqp: channel id -> channel
+        channels = channels.values()
+    for channel in list(channels):
+        state = getattr(channel, "__dict__", None) or {}
+        for attr in ("_mppools_pool", "_pool", "_async_pool"):
+            pool = state.get(attr)
+            if pool is None or not hasattr(pool, "make_connection"):
+                continue
+            pool.make_connection = _refused  # no new client connection from this pool
+            for _ in range(3):  # the holder's thread may change the collections meanwhile
+                try:
+                    clients = [*list(getattr(pool, "_available_connections", ())),
+                               *list(getattr(pool, "_in_use_connections", ()))]
+                    break
+                except RuntimeError:
+                    clients = []
+            for client in clients:
+                client._connect = _refused  # a dropped socket is not replaced
+    cut = False
+    for sock in _fork.walk_sockets(raw):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+            cut = True
+    return cut
 
 
 class LimitedConnectionPool(ConnectionPool):
@@ -341,7 +401,7 @@ class LimitedConnectionPool(ConnectionPool):
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
         if slot is None or limiter is None:
             return None
-        if limiter.in_debt():
+        if conn._mppools_severed or limiter.in_debt():
             return False
         limiter.mark_busy(slot)
         return True
@@ -429,8 +489,8 @@ class LimitedConnectionPool(ConnectionPool):
             resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
-            if limiter.in_debt() or (limiter.under_pressure() and
-                                     resource._mppools_turn_done(now)):
+            if resource._mppools_severed or limiter.in_debt() or (
+                    limiter.under_pressure() and resource._mppools_turn_done(now)):
                 resource._mppools_note_turn(now)
                 resource._mppools_close_taken()
             else:

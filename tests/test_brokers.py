@@ -34,9 +34,9 @@ def _count(url: str, queue: str) -> int:
 
 
 def _sock_of(conn: Any) -> socket.socket:
-    from mppools._fork import _walk_sockets
+    from mppools._fork import walk_sockets
 
-    socks = _walk_sockets(conn)
+    socks = walk_sockets(conn)
     assert socks, "no socket found on the pooled connection"
     return socks[0]
 
@@ -175,3 +175,52 @@ def test_redis_client_count_never_exceeds_the_limit(redis_server: Any, budget_na
         assert stats["peak"] <= limit, proxy.history
         assert peak_sampled[0] <= limit
         assert _count(redis_server.url, queue) == 480
+
+
+@pytest.mark.redis
+def test_a_cut_redis_connection_is_gone_at_the_broker_and_does_not_reconnect(
+        redis_server: Any, budget_name: str) -> None:
+    """What a fenced host does to a connection still in use (its lease lost): its sockets
+    are shut down, the broker sees the client go, and the holder's next command fails
+    instead of redis-py quietly opening a new connection underneath mppools."""
+    from support.waiting import wait_until
+
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    conn = pools.connections[Connection(redis_server.url)].acquire(block=True, timeout=5)
+    try:
+        conn.connect()
+        conn.default_channel.client.ping()
+        before = redis_server.client_count()
+        assert conn._mppools_sever()
+        assert wait_until(lambda: redis_server.client_count() == before - 1, 10, 0.01,
+                          what="the broker saw the client go")
+        with pytest.raises(Exception, match="cut because its slot's lease"):
+            conn.default_channel.client.ping()
+        assert redis_server.client_count() == before - 1  # no new connection
+    finally:
+        conn.release()
+    assert mppools.stats().in_use == 0  # closed at its release, never pooled again
+    # the pool's next connection is a fresh one, with a slot
+    with pools.connections[Connection(redis_server.url)].acquire(block=True, timeout=5) as c:
+        c.connect()
+        c.default_channel.client.ping()
+
+
+@pytest.mark.rabbitmq
+def test_a_cut_amqp_connection_fails_at_its_next_use(rabbitmq_server: Any,
+                                                     budget_name: str) -> None:
+    from kombu import Producer
+
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    conn = pools.connections[Connection(rabbitmq_server.url)].acquire(block=True, timeout=5)
+    try:
+        producer = Producer(conn.default_channel)
+        producer.publish({"x": 1}, routing_key="mppools-cut", retry=False)
+        assert conn._mppools_sever()
+        with pytest.raises(OSError):
+            for _ in range(3):  # the first write may still land in the kernel's buffer
+                producer.publish({"x": 2}, routing_key="mppools-cut", retry=False)
+                conn.drain_events(timeout=0.2)
+    finally:
+        conn.release()
+    assert mppools.stats().in_use == 0  # closed at its release, never pooled again

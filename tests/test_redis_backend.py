@@ -726,3 +726,38 @@ def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
         assert wait_until(lambda: not os.path.exists(f"/proc/{stand_in}")
                           or open(f"/proc/{stand_in}/stat").read().split()[2] == "Z",
                           40, 0.05, what="the watchdog gone")
+
+
+def test_a_connection_in_use_is_cut_before_its_lease_can_go_elsewhere(
+        hosts: list[Host], redis_server: Any, budget_name: str) -> None:
+    # limit 1 across hosts; host a's worker holds a broker connection checked out (in use,
+    # never released) when a is partitioned from the coordination server. a fences before
+    # its lease can expire; its idle connections would close at once, but this one is busy:
+    # before, it stayed open until its release, and once the lease expired host b opened
+    # its own: 2 broker connections with limit 1. Now a's keeper cuts its socket after a
+    # short grace, before the lease can go to b
+    from support.proxy_process import ProxyProcess
+
+    broker = redis_server.url.rsplit("/", 1)[0] + "/1"
+    coordination = PausableProxy(("127.0.0.1", redis_server.port))
+    try:
+        with ProxyProcess(("127.0.0.1", redis_server.port)) as counting:
+            url = counting.url_for(broker)
+            a, b = Host(), Host()
+            hosts += [a, b]
+            a.call(f"configure {budget_name} 1 redis://127.0.0.1:{coordination.port}/0"
+                   f"?lease_ttl={TTL}&fresh=1")
+            a.call("workers 1")
+            assert a.call(f"w 0 connhold {url} 10").startswith("GOT")
+            b.call(f"configure {budget_name} 1 {_spec(redis_server)}")
+            b.call("workers 1")
+            b.call(f"wsend 0 connhold {url} 60")
+            coordination.paused.set()  # a can no longer renew; b still reaches redis
+            answer = b.call("wget 0", timeout=90)
+            assert answer.startswith("GOT"), answer
+            assert counting.ask("stats")["peak"] <= 1, "2 broker connections with limit 1"
+            # a's socket was cut, and its redis client cannot reconnect underneath mppools
+            assert a.call("w 0 connping").startswith("FAILED")
+            assert counting.ask("stats")["peak"] <= 1
+    finally:
+        coordination.stop()

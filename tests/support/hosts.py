@@ -38,6 +38,9 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 the file OUT -> "OK <exit status>"
     hold T                      acquire (timeout T) and keep the connection checked out
                                 -> "GOT <s> <ns>" (``release`` gives it back)
+    connhold URL T              a pooled broker connection to the redis URL (timeout T),
+                                connected (a PING) and kept checked out -> "GOT <s> <ns>"
+    connping                    PING through it -> "OK" / "FAILED <exception type>"
 
 ``ERROR <repr>`` for a failing command. Killing the host SIGKILLs its process group (unshare,
 the master and its workers: they share the group; the pid namespace dies with its init).
@@ -258,6 +261,27 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
         except mppools.LimitExceeded as exc:
             return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
         return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
+    if cmd == "connhold":
+        # a pooled broker connection, connected and kept checked out (in use)
+        from kombu import Connection
+
+        t0 = time.monotonic()
+        try:
+            conn = mppools.connections[Connection(args[0])].acquire(block=True,
+                                                                    timeout=float(args[1]))
+        except mppools.LimitExceeded as exc:
+            return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
+        conn.connect()
+        conn.default_channel.client.ping()  # the socket is open now, whatever the transport
+        state["conn"] = conn
+        return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
+    if cmd == "connping":
+        # use the held connection: "OK" or the error it raised (a cut socket)
+        try:
+            state["conn"].default_channel.client.ping()
+        except Exception as exc:
+            return f"FAILED {type(exc).__name__}"
+        return "OK"
     if cmd == "cli":
         out = args[0]
         with open(out, "wb") as f:

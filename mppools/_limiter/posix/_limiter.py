@@ -563,19 +563,44 @@ class PosixLimiter(Limiter):
         kept.update(new)
         return kept, gone
 
+    def sever_excess(self) -> None:
+        """After a forced shrink because slots' leases were lost (the cross-host fence): ask
+        the keepers of the busy slots beyond the limit, oldest first, to cut their
+        connections' sockets if they are still in use after a grace (idle ones are yielded
+        by the shrink already). Keepers act only while the budget is still in debt."""
+        from mppools import _yield
+
+        with self._locked():
+            used = self._table.used_slots()
+            excess = len(used) - self._table.limit
+        if excess <= 0:
+            return
+        # not this process's own: the caller (the lease keeper, the watchdog) holds no
+        # pooled connection it could be asked about, but may hold a slot (the plug)
+        owner = _self.me().owner
+        busy = sorted((r for r in used if r.state == SlotState.BUSY and r.owner != owner),
+                      key=lambda r: r.since)
+        self._send(busy[:excess], _yield.SEVER)
+
     def _request_yields(self, holders: list[SlotRecord], wanted: int) -> None:
         from mppools import _yield
 
         idle = sorted((r for r in holders if r.state == SlotState.IDLE), key=lambda r: r.since)
-        if not idle:
+        self._send(idle[:wanted], _yield.YIELD)
+
+    def _send(self, records: list[SlotRecord], kind: bytes) -> None:
+        """One request of ``kind`` to the keeper of each record's holder (best effort)."""
+        from mppools import _yield
+
+        if not records:
             return
         import socket
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
-            for rec in idle[:wanted]:
+            for rec in records:
                 with contextlib.suppress(OSError):
-                    s.sendto(_yield.encode(rec.index, rec.token),
+                    s.sendto(_yield.encode(rec.index, rec.token, kind),
                              keeper_path(self.name, rec.owner))
 
     def _exceeded(self, started: float, *, block: bool) -> LimitExceeded:

@@ -489,6 +489,10 @@ class RedisLimiter(Limiter):
             logger.warning("mppools: budget %r fenced to %d slot(s) on this host: %s",
                            self.name, keep, why)
             self._local.resize(keep + 1, force=True)
+            # connections in use are cut too, if still in use after a grace: their leases
+            # will not be renewed
+            with contextlib.suppress(MppoolsError):
+                self._local.sever_excess()
             self.fences += 1
             self.fenced_at = time.monotonic()
             self._publish()

@@ -100,6 +100,7 @@ def _fence(name: str, why: str, *, master: int = 0) -> None:
     try:
         if local.limit > 1:
             local.resize(1, force=True)  # the master's plug only: nothing to hand out
+            local.sever_excess()  # and connections still in use after a grace are cut
             print(f"mppools watchdog: budget {name!r} fenced on this host: {why}",
                   file=sys.stderr, flush=True)
         if master:
