@@ -15,9 +15,15 @@ connections idle for longer than the budget's ``idle_timeout``.
 
 A connection in active use keeps its slot for its hold quantum: a request that arrives
 between two uses is looked at again once the connection has been idle for a grace (the
-budget's hand-over cost, 2 to 50 ms: :func:`idle_grace`) or its quantum has run. In a forked
-child the keeper thread does not exist; the child's keeper starts afresh, on its own
-address, the first time the child takes a slot.
+budget's hand-over cost, 2 to 50 ms: :func:`idle_grace`) or its quantum has run.
+
+A host of the cross-host backend that lost its leases (fenced) also sends *sever* requests
+for the busy slots beyond its limit: SEVER_GRACE later, if the budget is still in debt, the
+keeper hands the connection on if it is idle by then, or cuts its sockets if it is still in
+use (``LimitedConnection._mppools_sever``).
+
+In a forked child the keeper thread does not exist; the child's keeper starts afresh, on its
+own address, the first time the child takes a slot.
 """
 
 from __future__ import annotations
