@@ -33,19 +33,20 @@ instead of pooling it; keepers close idle pooled connections at once. So after a
 * no new connection is opened on this host under the lost leases (fenced at once);
 * an idle pooled connection is closed by its process's keeper within its wake-up (about
   milliseconds, it is told through the local pressure byte and yield requests);
-* a connection *in active use* (checked out, between acquire and release) is closed only when
-  it is released: a worker stuck in a long call (or one that holds a connection for longer
-  than the lease TTL) keeps it open past the lease's expiry, and another host may then open
-  one under the same lease. Between the fence and the lease's expiry there are at least
+* a connection *in active use* (checked out, between acquire and release) is cut: the
+  fence sends its process's keeper a sever request, and :data:`~mppools._keeper.SEVER_GRACE`
+  (50 ms) later, if the budget is still in debt, its sockets are shut down (the broker sees
+  it closed; the holder's next I/O fails and cannot reconnect underneath mppools) and it is
+  closed at its release. Between the fence and the lease's expiry there are at least
   ``fence_margin + call timeout + borrowing wait`` (1.6 s with the default 10 s TTL, 0.7 s
-  with a 2 s TTL): a connection released within that time after the fence is closed in
-  time; one held longer is the case fencing does not cover.
+  with a 2 s TTL). Not covered: a connection of the fencing process itself (the master
+  does not publish in the supported setups) and a transport whose sockets cannot be found.
 
 A master that is stopped, hung or dead cannot fence: its child, the lease watchdog
 (``_watchdog``), fences in its place at the deadline the master publishes (or at once when
-the master is gone). A dead master takes its own local slot (the plug) with it, so one
-connection of that host can outlive that fence; gunicorn and celery stop their workers when
-the master dies, and the leases expire one TTL after the master's last renewal.
+the master is gone). A dead master takes its own local slot (the plug) with it; the
+watchdog then holds a slot in its place until no other process of the host has the budget
+open or a new master took over.
 
 Wake-ups: the lease keeper sleeps until its next renewal, its next look at the other hosts
 (:data:`CHECK_EVERY`, only while it holds leases) or its fencing time, at most :data:`IDLE_WAKE`.

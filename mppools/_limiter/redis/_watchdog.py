@@ -10,7 +10,7 @@ budget's 0700 directory (``r-deadline``: the deadline in CLOCK_MONOTONIC nanosec
 every process of the host reads alike, and the master's pid). The watchdog sleeps until that
 deadline; if the master has not moved it by then, or the master is gone, the watchdog fences
 in its place: the local limit drops to none, idle connections are closed by their keepers at
-once, busy ones at their release (what fencing covers, see ``_limiter``). A live master
+once, connections still in use are cut after a grace (see ``_limiter``). A live master
 fences itself before the deadline, so the watchdog never acts for a healthy one.
 
 A dead master's own slot (the plug that keeps the local limit one above what the host lends
