@@ -34,7 +34,7 @@ instead of pooling it; keepers close idle pooled connections at once. So after a
 * an idle pooled connection is closed by its process's keeper within its wake-up (about
   milliseconds, it is told through the local pressure byte and yield requests);
 * a connection *in active use* (checked out, between acquire and release) is cut: the
-  fence sends its process's keeper a sever request, and :data:`~mppools._keeper.SEVER_GRACE`
+  fence sends its process's keeper a sever request, and ``SEVER_GRACE``
   (50 ms) later, if the budget is still in debt, its sockets are shut down (the broker sees
   it closed; the holder's next I/O fails and cannot reconnect underneath mppools) and it is
   closed at its release. Between the fence and the lease's expiry there are at least
