@@ -61,3 +61,19 @@ def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object
 
     with RabbitMQServer(tmp_path_factory.mktemp("rabbit")) as server:
         yield server
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[object]]:
+    """Simulated hosts (``hosts.append(Host())``, see support/hosts.py), all SIGKILLed after
+    the test; skipped where ``unshare`` cannot make them."""
+    from support.hosts import FLAGS
+    from support.namespaces import unshare_unavailable
+
+    reason = unshare_unavailable(*FLAGS)
+    if reason:
+        pytest.skip(reason)
+    started: list[object] = []
+    yield started
+    for host in started:
+        host.kill()  # type: ignore[attr-defined]

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 from forkutil import run_in_child
-from support.hosts import FLAGS, Host, intervals_peak
-from support.namespaces import unshare_unavailable
+from support.hosts import Host, intervals_peak
 from support.servers import RedisServer
 from support.waiting import wait_until
 
@@ -38,18 +37,6 @@ TTL = 2.0
 
 def _spec(server: Any, ttl: float = TTL) -> str:
     return f"{server.url}?lease_ttl={ttl}&fresh=1"
-
-
-@pytest.fixture
-def hosts() -> Iterator[list[Host]]:
-    """Started hosts (``hosts.append(Host())``), all SIGKILLed after the test."""
-    reason = unshare_unavailable(*FLAGS)
-    if reason:
-        pytest.skip(reason)
-    started: list[Host] = []
-    yield started
-    for host in started:
-        host.kill()
 
 
 def test_hosts_share_no_posix_objects(hosts: list[Host], redis_server: Any,
