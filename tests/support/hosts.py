@@ -36,8 +36,7 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
     clock                       "OK <time.time()> <time.monotonic()>" (this host's clocks)
     cli OUT ARGS...             run ``python -m mppools ARGS...`` on this host, its output to
                                 the file OUT -> "OK <exit status>"
-    hold T                      acquire (timeout T) and keep the connection checked out
-                                -> "GOT <s> <ns>" (``release`` gives it back)
+    hold T                      the same as ``acquire T`` (a slot kept until ``release``)
     connhold URL T              a pooled broker connection to the redis URL (timeout T),
                                 connected (a PING) and kept checked out -> "GOT <s> <ns>"
     connping                    PING through it -> "OK" / "FAILED <exception type>"
@@ -210,7 +209,7 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
     import mppools
 
     cmd, args = words[0], words[1:]
-    if cmd == "acquire":
+    if cmd in ("acquire", "hold"):
         t0 = time.monotonic()
         try:
             state["slot"] = limiter().acquire(timeout=float(args[0]))
@@ -254,13 +253,6 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
             if i % 5 == 4:
                 mppools.reset()  # churn: close and reopen connections
         return f"OK {n}"
-    if cmd == "hold":
-        t0 = time.monotonic()
-        try:
-            state["slot"] = limiter().acquire(timeout=float(args[0]))
-        except mppools.LimitExceeded as exc:
-            return f"EXCEEDED {type(exc).__name__} {exc}".replace("\n", " ")
-        return f"GOT {time.monotonic() - t0:.3f} {time.monotonic_ns()}"
     if cmd == "connhold":
         # a pooled broker connection, connected and kept checked out (in use)
         from kombu import Connection
