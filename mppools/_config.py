@@ -118,7 +118,8 @@ def _redis_backend(spec: str) -> Backend:
     redis_limiter.parse_spec(spec)  # a bad lease_ttl or fresh is refused before anything
     return Backend(spec=spec, open=redis_limiter.open_backend(spec),
                    validate_name=redis_limiter.validate_name,
-                   default_name=redis_limiter.default_name, host_bound=True)
+                   default_name=redis_limiter.default_name, host_bound=True,
+                   needs_threads=True)
 
 
 def _check_platform(backend: Backend) -> None:

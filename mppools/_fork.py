@@ -17,13 +17,16 @@ import contextlib
 import logging
 import os
 import socket
+import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable
 from typing import Protocol
 
 __all__ = [
-    "ForkAware", "bury", "current_epoch", "drop_inherited", "on_fork_in_child", "register",
+    "ForkAware", "bury", "catch_up_c_level_fork", "current_epoch", "drop_inherited",
+    "forbid_threads", "inherited_threads", "on_fork_in_child", "register", "threadless",
     "unregister", "walk_sockets",
 ]
 
@@ -57,6 +60,27 @@ def current_epoch() -> int:
 
 _callbacks: list[Callable[[], None]] = []
 
+#: this process must not run threads of mppools (:func:`forbid_threads`); never inherited
+_threadless = False
+
+
+def forbid_threads() -> None:
+    """Run no thread of mppools in this process (until it forks: children may again).
+
+    For a process that forks from C, where the child inherits the interpreter's GIL and
+    locks as this process's other threads left them (a uWSGI master without
+    ``--py-call-uwsgi-fork-hooks``): a thread of ours waiting for the GIL at such a fork
+    would make the child's first GIL hand-off wait forever. Here the pools keep no idle
+    connection (each release gives its slot back at once), so no keeper thread is needed.
+    """
+    global _threadless
+    _threadless = True
+
+
+def threadless() -> bool:
+    """True if this process must not start threads of mppools (:func:`forbid_threads`)."""
+    return _threadless
+
 
 def on_fork_in_child(callback: Callable[[], None]) -> None:
     """Run a module-level ``callback`` first in every forked child (for mppools' own modules)."""
@@ -75,8 +99,9 @@ def unregister(obj: ForkAware) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _epoch
+    global _epoch, _threadless
     _epoch += 1
+    _threadless = False
     from mppools import _liveness
 
     _liveness._reset_after_fork()
@@ -94,6 +119,71 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _os_threads() -> int:
+    """Threads of this process as the kernel counts them (0 if /proc cannot say)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def _only_interpreter() -> bool:
+    """True if this thread runs in CPython's main interpreter and no other exists."""
+    import ctypes
+
+    api = ctypes.pythonapi
+    for fn in (api.PyInterpreterState_Get, api.PyInterpreterState_Main,
+               api.PyInterpreterState_Head):
+        fn.restype, fn.argtypes = ctypes.c_void_p, []
+    api.PyInterpreterState_Next.restype = ctypes.c_void_p
+    api.PyInterpreterState_Next.argtypes = [ctypes.c_void_p]
+    main = api.PyInterpreterState_Main()
+    head = api.PyInterpreterState_Head()
+    return bool(main) and api.PyInterpreterState_Get() == main and head == main and not (
+        api.PyInterpreterState_Next(head))
+
+
+def catch_up_c_level_fork() -> bool:
+    """In a process forked from C (uWSGI forks its workers so), run what ``os.fork()`` would
+    have run in the child: CPython's own child-side handling (``PyOS_AfterFork_Child``),
+    which makes the GIL, the import lock and the ``threading`` module anew and then runs
+    every ``os.register_at_fork`` child handler, mppools' own included. True if it ran.
+
+    Without it the child inherits the GIL's condition variable and the interpreter's locks as
+    the parent's other threads left them at the fork (a keeper thread of mppools waiting for
+    the GIL, say): its first GIL hand-off can then wait forever (glibc waits for waiters that
+    exist only in the parent).
+
+    It runs only where that is sound: CPython, in its main interpreter with no other
+    interpreter, in a process that has one thread (the one the fork made). Anywhere else it
+    returns False and the caller falls back to mppools' own after-fork handling, which is
+    safe for mppools' objects but leaves the interpreter's state as the fork left it.
+    """
+    if sys.implementation.name != "cpython" or _os_threads() != 1:
+        return False
+    try:
+        if not _only_interpreter():
+            return False
+        import ctypes
+
+        api = ctypes.pythonapi  # a PyDLL: the GIL stays held across the call
+        api.PyOS_AfterFork_Child.restype, api.PyOS_AfterFork_Child.argtypes = None, []
+        api.PyOS_AfterFork_Child()
+    except (AttributeError, OSError):  # no such symbol: an embedding without the C API
+        return False
+    return True
+
+
+def inherited_threads() -> list[str]:
+    """Names of threads this process's ``threading`` module still lists as alive, besides
+    the calling one: after a fork from C, those of the parent (they do not exist here)."""
+    me = threading.get_ident()
+    # not threading.enumerate(): it takes a lock a thread of the parent may have held at the
+    # fork (it is made anew only by the handling this is about)
+    active: dict[int, threading.Thread] = dict(getattr(threading, "_active", {}))
+    return sorted(t.name for ident, t in active.items() if ident != me and t.is_alive())
 
 
 def walk_sockets(root: object, budget: int = 20000) -> list[socket.socket]:

@@ -103,8 +103,10 @@ class Keeper:
         self.severed = 0
         self._poker: socket.socket | None = None  # wakes our own thread (look_again)
         self._sock: socket.socket | None = None
+        self._waker: socket.socket | None = None  # the other end of an unbound keeper's pair
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        #: every thread started here that may still run (a stopped one ends on its own)
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._starting = False  # one caller is starting the thread (outside the lock)
         self._address: str | bytes | None = None
         self.yielded = 0
@@ -115,7 +117,8 @@ class Keeper:
         """Remember that ``conn`` holds the slot ``token``; start the thread if needed."""
         with self._lock:
             self._held[token] = weakref.ref(conn)
-            if self._starting or (self._thread is not None and self._address == address):
+            if self._starting or (self._thread is not None and self._address == address) or (
+                    _fork.threadless()):
                 return
             self._starting = True
         try:
@@ -160,7 +163,11 @@ class Keeper:
         connections) and make (not start) the thread; None if the bind failed."""
         with self._lock:
             self._stop_locked()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            waker: socket.socket | None = None
+            if address is None:  # no address to be woken at: a connected pair
+                sock, waker = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
                 # the sender's credentials come with every datagram: only our own uid counts
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -176,24 +183,41 @@ class Keeper:
                 # happen): idle yield is then off for this process, the limit still holds
                 logger.warning("mppools: keeper could not bind its socket", exc_info=True)
                 sock.close()
+                if waker is not None:
+                    waker.close()
                 return None
-            self._sock, self._address, self._stopping = sock, address, False
+            self._sock, self._address, self._waker = sock, address, waker
             thread = threading.Thread(target=self._run, args=(sock,), name="mppools-keeper",
                                       daemon=True)
             self._thread = thread
+            self._threads.add(thread)
             return thread
 
     def _stop_locked(self) -> None:
-        self._stopping = True
-        sock, self._sock, self._thread = self._sock, None, None
+        sock, self._sock = self._sock, None
+        thread, self._thread = self._thread, None
         address, self._address = self._address, None
+        waker, self._waker = self._waker, None
         if sock is not None:
+            # a datagram wakes the thread (a shutdown does not wake a recvmsg on a datagram
+            # socket), which then sees the socket is no longer its own and closes it. Not
+            # closed here while the thread runs: its fd number could be reused by a new
+            # socket that the old thread, not yet in recvmsg, would then read from
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-            if isinstance(address, str):
-                with contextlib.suppress(OSError):
-                    os.unlink(address)
+                if waker is not None:
+                    waker.send(b"w")
+                else:
+                    if self._poker is None:
+                        self._poker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                        self._poker.setblocking(False)
+                    self._poker.sendto(b"w", sock.getsockname())
+            if thread is None or thread.ident is None or not thread.is_alive():
+                sock.close()
+        if waker is not None:
+            waker.close()
+        if isinstance(address, str):
+            with contextlib.suppress(OSError):
+                os.unlink(address)
 
     def stop(self) -> None:
         """Stop the thread (used by ``mppools.close()``)."""
@@ -201,9 +225,30 @@ class Keeper:
             self._stop_locked()
             self._held.clear()
 
+    def go_threadless(self, timeout: float = 2.0) -> None:
+        """For :func:`mppools._fork.forbid_threads`: give back the slot of every idle
+        connection (nobody would yield it any more), stop the thread and wait up to
+        ``timeout`` seconds for it to end."""
+        with self._lock:
+            self._stop_locked()
+            threads = list(self._threads)
+        for conn in self.held():
+            if conn._mppools_take_if_idle():
+                conn._mppools_close_taken()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread() and thread.ident is not None:
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
     def _run(self, sock: socket.socket) -> None:
+        try:
+            self._serve(sock)
+        finally:
+            sock.close()  # stopped (see _stop_locked), or failed
+
+    def _serve(self, sock: socket.socket) -> None:
         sweep_at = time.monotonic() + self._next_sweep_in()
-        while not self._stopping:
+        while self._sock is sock:
             now = time.monotonic()
             due = min([sweep_at, *list(self._deferred.values()), *list(self._severs.values())])
             try:
@@ -213,8 +258,10 @@ class Keeper:
             except (TimeoutError, BlockingIOError):
                 data = b""
             except OSError:
-                return  # closed by stop() or after fork
+                return  # closed (after a fork, or by a stop before the thread ran)
             else:
+                if self._sock is not sock:
+                    return  # stopped (the stop's wake-up, or any datagram after it)
                 request = _yield.decode(data)
                 if request is not None and _sender_trusted(ancdata):
                     kind, token = request
@@ -317,7 +364,10 @@ class Keeper:
         poker, self._poker = self._poker, None
         if poker is not None:
             poker.close()
-        self._stopping = False
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close()
+        self._threads = weakref.WeakSet()
         self._starting = False
         if sock is not None:
             sock.close()  # closes this process's fd copy only; the parent keeps its socket

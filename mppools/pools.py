@@ -475,6 +475,8 @@ class LimitedConnectionPool(ConnectionPool):
                     # shrank): hand the slot on, don't idle
                     resource._mppools_note_turn(now)
                     resource._mppools_close_taken()
+                elif _fork._threadless:  # no keeper here to hand an idle slot on later
+                    resource._mppools_close_taken()
                 else:
                     resource._mppools_idle_since = now
                     view[at] = STATE_IDLE
@@ -489,7 +491,7 @@ class LimitedConnectionPool(ConnectionPool):
             resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
-            if resource._mppools_severed or limiter.in_debt() or (
+            if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
                     limiter.under_pressure() and resource._mppools_turn_done(now)):
                 resource._mppools_note_turn(now)
                 resource._mppools_close_taken()

@@ -533,3 +533,23 @@ def test_the_keeper_closes_idle_connections_on_every_backend(make: Make) -> None
     assert limiter.stats().in_use == 1
     wait_until(lambda: limiter.stats().in_use == 0, 20, what="the idle connection closed")
     mppools.pools.reset()
+
+
+def test_close_ends_the_keeper_thread_at_once_on_every_backend(make: Make) -> None:
+    """The keeper waits up to a minute for a datagram when there is nothing to sweep; a stop
+    wakes it (before, a stopped keeper could poll on until its timeout, and on a reused fd
+    number)."""
+    import threading
+
+    make(2, idle_timeout=None)  # nothing to sweep: the keeper's wait is 60 s
+    pool = mppools.connections[Connection("memory://")]
+    conn = pool.acquire(block=True, timeout=5)
+    conn.connect()
+    conn.release()
+    keepers = [t for t in threading.enumerate() if t.name == "mppools-keeper"]
+    assert keepers and all(t.is_alive() for t in keepers)
+    mppools.close()
+    for thread in keepers:
+        thread.join(10)
+    assert not [t for t in keepers if t.is_alive()], "a stopped keeper thread still runs"
+    mppools.pools.reset()

@@ -140,7 +140,10 @@ class Backend:
     ``open(name, create=..., **options)`` opens (or creates) a budget, taking the options of
     :func:`mppools.configure`; ``validate_name`` raises ConfigurationError for a name the
     backend cannot hold; ``default_name`` makes a fresh name nobody can predict;
-    ``host_bound`` is True when the budget needs this platform's shared objects (Linux).
+    ``host_bound`` is True when the budget needs this platform's shared objects (Linux);
+    ``needs_threads`` when the process holding it runs a thread of the backend's own (the
+    cross-host backend's lease keeper), which a process that must stay thread-free (a uWSGI
+    master that forks from C, :func:`mppools._fork.forbid_threads`) cannot run.
     """
 
     spec: str
@@ -148,6 +151,7 @@ class Backend:
     validate_name: Callable[[str], object]
     default_name: Callable[[], str]
     host_bound: bool = False
+    needs_threads: bool = False
 
 
 class Limiter(abc.ABC):

@@ -51,6 +51,7 @@ from typing import Any
 import mppools
 from mppools import _config, _fork
 from mppools._errors import BudgetInUseError, BudgetNotFoundError, ConfigurationError
+from mppools._keeper import keeper
 from mppools._limiter._base import Limiter
 from mppools.integrations import settings_from_env
 
@@ -123,16 +124,32 @@ def after_fork() -> bool:
     """Run mppools' after-fork handling in this process if it was forked without Python's
     fork handlers (uWSGI forks its workers from C). Idempotent: True if it ran now.
 
-    The inherited pools are emptied without touching their connections (the parent keeps
-    them), in-process locks are made anew, the budget's token file gets an open file
-    description of this process's own, and the keeper starts afresh here when needed.
+    Where it is sound (CPython's main interpreter, no other interpreter, this process's only
+    thread) it runs CPython's own child-side fork handling, ``PyOS_AfterFork_Child``, what
+    ``--py-call-osafterfork`` does: the GIL, the import lock and the ``threading`` module
+    are made anew, then every ``os.register_at_fork`` child handler runs, mppools' own
+    among them. Elsewhere it runs mppools' own handling only (and warns if the parent had
+    other threads, whose state the interpreter keeps). Either way the inherited pools are
+    emptied without touching their connections (the parent keeps them), in-process locks
+    are made anew, the budget's token file gets an open file description of this process's
+    own, and the keeper starts afresh here when needed.
+
+    Call it first in the forked process, before any thread starts there.
     """
     global _handled_pid
     pid = os.getpid()
     if _handled_pid == pid:
         return False
+    others = _fork.inherited_threads()
+    if not _fork.catch_up_c_level_fork():
+        if others:
+            logger.warning(
+                "mppools: pid %d was forked from C while its parent ran %d other thread(s) "
+                "(%s) and the interpreter's own fork handling cannot run here: if this "
+                "process hangs, run uWSGI with --py-call-uwsgi-fork-hooks", pid,
+                len(others), ", ".join(others))
+        _fork._after_fork_in_child()
     _handled_pid = pid
-    _fork._after_fork_in_child()
     return True
 
 
@@ -254,6 +271,27 @@ def _cleanup_configured(server: Any) -> bool:
 JOIN_RACE_SECONDS = 5.0
 
 
+def _forks_with_python(server: Any) -> bool:
+    """True if this uWSGI runs CPython's fork handling in every worker before any Python
+    code there (``--py-call-uwsgi-fork-hooks`` or ``--py-call-osafterfork``)."""
+    return _flag(server, "py-call-uwsgi-fork-hooks") or _flag(server, "py-call-osafterfork")
+
+
+def _refuse_threads(processes: int, kwargs: dict[str, Any]) -> None:
+    """A master that forks from C without Python's fork handling runs no thread of ours
+    (:func:`mppools._fork.forbid_threads`): a budget whose holder needs one is refused."""
+    settings = _config._settings
+    spec = kwargs.get("backend") or (settings.backend if settings is not None
+                                     else _config.DEFAULT_BACKEND)
+    if isinstance(spec, str) and _config.backend_for(spec).needs_threads:
+        raise ConfigurationError(
+            f"uWSGI forks its {processes} worker(s) from C without Python's fork handling, "
+            "and a cross-host (redis) budget keeps a lease thread in the master: a worker "
+            "forked while that thread waits for the GIL can hang at its first GIL hand-off; "
+            "run uWSGI with --py-call-uwsgi-fork-hooks (or --lazy-apps)"
+        )
+
+
 def _configure(limit: int, name: str | None, kwargs: dict[str, Any], *,
                in_worker: bool) -> Limiter:
     """``mppools.configure``; in a worker, retried while another worker initializes the
@@ -327,6 +365,9 @@ def setup(limit: int | None = None, name: str | None = None,
             f"uWSGI runs {processes} processes and backend='memory' keeps a budget inside "
             "one process: every process would have its own; use backend='posix'"
         )
+    threadless = not in_worker and mode == "preforked" and not _forks_with_python(server)
+    if threadless:
+        _refuse_threads(processes, kwargs)
     limiter = _config.current()
     if limiter is None:
         if limit is None:
@@ -337,6 +378,9 @@ def setup(limit: int | None = None, name: str | None = None,
         logger.info("mppools: budget %r: at most %d broker connection(s) for all %d uWSGI "
                     "process(es) (%s, pid %d)", limiter.name, limiter.limit, processes,
                     mode, os.getpid())
+    if threadless:
+        _fork.forbid_threads()
+        keeper().go_threadless()
     if _hooks_installed_in != os.getpid():
         _hooks_installed_in = os.getpid()
         if not in_worker:

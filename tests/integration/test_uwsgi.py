@@ -279,6 +279,37 @@ def test_uwsgi_sigkill_chaos_stays_within_budget(
 @needs_uwsgi
 @pytest.mark.redis
 @pytest.mark.timeout(180)
+def test_a_master_forking_from_c_runs_no_thread_of_ours(
+    redis_server: RedisServer, tmp_path: Path, budget_name: str
+) -> None:
+    """uWSGI's default (no Python fork handling in the workers): the master publishes while
+    it loads the app, yet when it forks it runs no keeper thread (one a worker would inherit
+    mid-GIL hand-off) and holds no idle slot; every worker still gets slots."""
+    with ProxyProcess(("127.0.0.1", redis_server.port)) as proxy:
+        server = Uwsgi(tmp_path, "preforked", _env(proxy, redis_server, budget_name,
+                                                   ITEST_WARMUP="1"), name=budget_name,
+                       processes=2)
+        try:
+            server.wait_ready()
+            master = server.proc.pid
+            threads = psutil.Process(master).num_threads()
+            mppools.attach(budget_name)  # read-only: stats(); takes no slot
+            held = {h.pid: h.slots for h in mppools.stats().holders if h.alive}
+            answers = [server.get(f"/pub?id=p{i}") for i in range(6)]
+            accepted = proxy.total_accepted
+            mppools.close(unlink=False)
+        finally:
+            code = server.stop()
+    assert accepted >= 2, "the warm-up and the workers reached the broker"
+    assert threads == 1, f"the master runs {threads} threads"
+    assert master not in held, f"the master holds {held.get(master)} idle slot(s)"
+    assert all(a.startswith("ok ") for a in answers), answers
+    assert code is not None
+
+
+@needs_uwsgi
+@pytest.mark.redis
+@pytest.mark.timeout(180)
 def test_lazy_apps_worker_exit_keeps_one_budget(
     redis_server: RedisServer, tmp_path: Path, budget_name: str
 ) -> None:
@@ -381,6 +412,119 @@ def test_setup_in_a_lazy_worker_without_a_name_is_refused(
     assert mppools._config.current() is None
 
 
+def _fake_master(monkeypatch: pytest.MonkeyPatch, **opts: Any) -> Any:
+    """A ``uwsgi`` module as a preforking master (worker id 0) with ``opts`` shows it."""
+    from mppools import _fork
+
+    fake: Any = types.ModuleType("uwsgi")
+    fake.opt = {"processes": b"4", "master": True, **opts}
+    fake.worker_id = lambda: 0
+    fake.masterpid = lambda: os.getpid()
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    monkeypatch.setitem(sys.modules, "uwsgidecorators", None)  # chain by hand
+    monkeypatch.setattr(_fork, "_threadless", False)
+    monkeypatch.setattr(mppools_uwsgi, "_hooks_installed_in", None)
+    monkeypatch.setattr(mppools_uwsgi, "_exit_hooks_in", os.getpid())  # no atexit of ours
+    return fake
+
+
+def test_master_forking_from_c_runs_no_thread_and_keeps_no_idle_slot(
+    monkeypatch: pytest.MonkeyPatch, budget_name: str
+) -> None:
+    """A preforking master without Python's fork handling (uWSGI's default): no keeper
+    thread starts there, and a released connection gives its slot back at once (nobody
+    could hand an idle one on later). Its children may run threads again."""
+    import threading
+
+    from kombu import Connection
+
+    from mppools import _fork, pools
+
+    _fake_master(monkeypatch)
+    limiter = mppools_uwsgi.setup(LIMIT, budget_name, idle_timeout=None)
+    assert limiter is not None and _fork.threadless()
+    conn = Connection("memory://")
+    with pools.connections[conn].acquire(block=True) as c:
+        c.connect()
+        assert limiter.stats().in_use == 1
+    assert limiter.stats().in_use == 0, "the master kept an idle slot"
+    assert not [t for t in threading.enumerate() if t.name == "mppools-keeper"]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            c = pools.connections[conn].acquire(block=True, timeout=5)
+            c.connect()
+            c.release()
+            keepers = [t.name for t in threading.enumerate() if t.name == "mppools-keeper"]
+            os.write(w, f"{_fork.threadless()} {limiter.stats().in_use} {keepers}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    assert _child_report(pid, r) == "False 1 ['mppools-keeper']"
+    mppools.close()
+
+
+@pytest.mark.parametrize("hooks", ["py-call-uwsgi-fork-hooks", "py-call-osafterfork"])
+def test_master_with_pythons_fork_handling_keeps_its_keeper(
+    monkeypatch: pytest.MonkeyPatch, budget_name: str, hooks: str
+) -> None:
+    from kombu import Connection
+
+    from mppools import _fork, pools
+
+    _fake_master(monkeypatch, **{hooks: True})
+    limiter = mppools_uwsgi.setup(LIMIT, budget_name, idle_timeout=None)
+    assert limiter is not None and not _fork.threadless()
+    conn = Connection("memory://")
+    with pools.connections[conn].acquire(block=True) as c:
+        c.connect()
+    assert limiter.stats().in_use == 1  # pooled, idle: the keeper hands it on on request
+    mppools.close()
+
+
+def test_a_budget_configured_before_setup_gives_its_idle_slots_back(
+    monkeypatch: pytest.MonkeyPatch, budget_name: str
+) -> None:
+    """configure() and a publish before setup(): setup() in a master that forks from C
+    stops the keeper thread that already runs and gives back the idle slot it watched."""
+    import threading
+
+    from kombu import Connection
+
+    from mppools import pools
+
+    limiter = mppools.configure(LIMIT, budget_name, idle_timeout=None)
+    conn = Connection("memory://")
+    with pools.connections[conn].acquire(block=True) as c:
+        c.connect()
+    assert limiter.stats().in_use == 1
+    running = [t for t in threading.enumerate() if t.name == "mppools-keeper"]
+    assert running
+    _fake_master(monkeypatch)
+    assert mppools_uwsgi.setup(LIMIT, budget_name) is limiter
+    assert limiter.stats().in_use == 0
+    # setup() returns once the thread has ended
+    assert not [t for t in running if t.is_alive()], "the keeper thread still runs"
+    mppools.close()
+
+
+def test_cross_host_budget_in_a_master_forking_from_c_is_refused(
+    monkeypatch: pytest.MonkeyPatch, budget_name: str
+) -> None:
+    """Its lease thread would run in the master at every fork: refused, nothing made."""
+    pytest.importorskip("redis")
+    _fake_master(monkeypatch)
+    with pytest.raises(mppools.ConfigurationError,
+                       match=r"4 worker\(s\) from C .* --py-call-uwsgi-fork-hooks"):
+        mppools_uwsgi.setup(LIMIT, budget_name, backend="redis://127.0.0.1:9/0")
+    assert mppools._config.current() is None
+    assert not shm_objects(budget_name)
+
+
 def _c_level_fork() -> int:
     """fork(2) straight from C, as uWSGI does: none of Python's fork handlers run. PyDLL
     keeps the GIL across the call, so the child does not inherit it held by another thread."""
@@ -389,12 +533,62 @@ def _c_level_fork() -> int:
     return int(ctypes.PyDLL(None).fork())
 
 
+def _other_threads_blocked(timeout: float = 10.0) -> None:
+    """Until every other thread of this process sleeps in the kernel outside a futex (none
+    is in the middle of taking or handing on the GIL, so a fork from C leaves the child's
+    GIL consistent); bounded."""
+    import threading
+
+    me = threading.get_native_id()
+
+    def blocked() -> bool:
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) == me:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/self/task/{tid}/wchan") as f:
+                    wchan = f.read()
+            except OSError:
+                continue  # ended meanwhile
+            if state != "S" or "futex" in wchan or wchan in ("", "0"):
+                return False
+        return True
+
+    assert wait_until(blocked, timeout, 0.005), "a thread of ours never went to sleep"
+
+
+def _child_report(pid: int, r: int, timeout: float = 30.0) -> str:
+    """What the child forked as ``pid`` wrote to ``r`` before exiting; a child that does not
+    finish within ``timeout`` is SIGKILLed and reported hung."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    with os.fdopen(r, "rb") as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the child {pid} hung after a fork from C")
+            chunk = os.read(f.fileno(), 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, f"the child {pid} failed: status {status}"
+    return b"".join(chunks).decode()
+
+
 @pytest.mark.timeout(60)
 def test_after_fork_catches_up_in_a_c_level_fork(budget_name: str) -> None:
     """What the post-fork hook does in a uWSGI worker forked without Python's handlers: the
-    master's pooled connections are dropped (before, the child would reuse them), and the
-    child takes slots of its own."""
+    master's pooled connections are dropped (before, the child would reuse them), the
+    interpreter's own fork handling runs (``threading`` no longer lists the parent's keeper
+    thread, which does not exist here, and a new thread starts), and the child takes slots
+    of its own."""
     import json
+    import threading
 
     from kombu import Connection
     from kombu.utils.functional import lazy
@@ -409,6 +603,9 @@ def test_after_fork_catches_up_in_a_c_level_fork(budget_name: str) -> None:
     idle.connect()
     idle.release()  # the master keeps an open, idle connection in its pool
     parent, epoch = os.getpid(), _fork.current_epoch()
+    keepers = [t for t in threading.enumerate() if t.name == "mppools-keeper"]
+    assert keepers, "the parent's keeper thread runs"
+    _other_threads_blocked()
     r, w = os.pipe()
     pid = _c_level_fork()
     if pid == 0:
@@ -418,26 +615,26 @@ def test_after_fork_catches_up_in_a_c_level_fork(budget_name: str) -> None:
             before = sum(1 for c in pool._resource.queue if not isinstance(c, lazy))
             stale = _fork.current_epoch() == epoch
             ran, again = mppools_uwsgi.after_fork(), mppools_uwsgi.after_fork()
+            threads = [t.name for t in threading.enumerate()]
             fresh = all(isinstance(c, lazy) for c in pool._resource.queue)
-            c = pool.acquire(block=True, timeout=5)
+            c = pool.acquire(block=True, timeout=5)  # starts this process's keeper thread
             c.connect()
             mine = {h.pid: h.slots for h in mppools.stats().holders}.get(os.getpid())
             c.release()
-            os.write(w, json.dumps([before, stale, ran, again, fresh, len(pool._dirty),
-                                    mine]).encode())
+            os.write(w, json.dumps([before, stale, ran, again, threads, fresh,
+                                    len(pool._dirty), mine]).encode())
             code = 0
         finally:
             os._exit(code)
     os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and out, status
-    before, stale, ran, again, fresh, dirty, mine = json.loads(out)
+    out = _child_report(pid, r)
+    before, stale, ran, again, threads, fresh, dirty, mine = json.loads(out)
     # inherited: the master's idle connection, and no fork handling had run
     assert (before, stale) == (1, True)
-    # after_fork() ran once, emptied the pool, and the child held a slot of its own
-    assert (ran, again, fresh, dirty, mine) == (True, False, True, 0, 1)
+    # after_fork() ran once and ran the interpreter's fork handling: only this thread left
+    assert (ran, again, threads) == (True, False, [threading.main_thread().name])
+    # it emptied the pool, and the child held a slot of its own
+    assert (fresh, dirty, mine) == (True, 0, 1)
     assert held.connected
     # the child's slot died with it: its token was on a description of its own
     assert {h.pid: h.slots for h in mppools.stats().holders if h.alive} == {parent: 2}
