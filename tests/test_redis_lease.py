@@ -513,6 +513,62 @@ def test_release_is_idempotent(redis_server: RedisServer, lease_name: str) -> No
     assert a.stats().in_use == 1
 
 
+def test_a_release_decided_before_a_later_grant_changes_nothing(
+        redis_server: RedisServer, lease_name: str) -> None:
+    a = LeaseClient(redis_server.url, lease_name, "host0", ttl=5.0, limit=3, fresh=True)
+    assert a.acquire(1) == 1
+    before = a._view_ms
+    time.sleep(0.002)  # the next grant in a later millisecond of the server's clock
+    assert a.acquire(1) == 1
+    assert a._view_ms > before
+    with a._lock:
+        reply, _ = a._run(S.RELEASE, ("host0", 0, a.generation, 0, before), "test")
+        assert reply[:3] == [S.STALE, 0, 2]
+        reply, _ = a._run(S.RELEASE, ("host0", 1, a.generation, 0, a._view_ms), "test")
+        assert reply[:3] == [S.OK, 1, 1]
+    assert a.stats().in_use == 1
+
+
+def test_a_release_run_late_does_not_take_back_a_later_grant(
+        redis_server: RedisServer, lease_name: str) -> None:
+    """A release that timed out on a frozen server, then the host's next acquire over a new
+    connection, then the release runs after all (the server reads its sockets in any order
+    when it resumes). Two defects made the host use a lease the server no longer counted
+    for it, so another host got it too (seen in the 3-host chaos test as L + 1 and L + 2
+    broker connections): the acquire gave back the excess it found (the lease the release
+    had not given back yet) together with its own grant; and the late release took that
+    grant away."""
+    from support.relay import HoldingRelay
+
+    meta = keys(lease_name)[0]
+
+    def server_held() -> int:
+        return int(redis_server.command("HGET", meta, "h:host-a") or 0)  # type: ignore[arg-type]
+
+    with HoldingRelay(("127.0.0.1", redis_server.port)) as relay:
+        a = LeaseClient(relay.url, lease_name, "host-a", ttl=10.0, limit=2, fresh=True,
+                        op_timeout=0.3)
+        b = LeaseClient(redis_server.url, lease_name, "host-b", ttl=10.0, op_timeout=0.3)
+        try:
+            assert a.acquire(1) == 1
+            assert relay.hold() == 1  # what a sends on its connection now arrives late
+            with pytest.raises(CoordinationError, match="release 1 lease"):
+                a.release(1)  # timed out: a counts it as given back
+            assert (a.held, server_held()) == (0, 1)
+            assert a.acquire(1) == 1  # over a new connection: granted
+            after_acquire = server_held()
+            assert relay.flush() > 0  # the release runs now, after that grant
+            after_release = server_held()
+            got = b.acquire(2, timeout=0.2, partial=True)
+            held = {h.host: h.held for h in b.stats().hosts}
+        finally:
+            a.close(release=False)
+            b.close(release=False)
+    assert after_acquire == 1, "the acquire gave back its own grant"
+    assert after_release == 1, "the late release took the grant away"
+    assert (got, held) == (1, {"host-a": 1, "host-b": 1})
+
+
 def test_a_grant_whose_answer_was_lost_is_given_back(redis_server: RedisServer,
                                                      lease_name: str) -> None:
     a = LeaseClient(redis_server.url, lease_name, "host0", ttl=5.0, limit=3, fresh=True)

@@ -264,6 +264,9 @@ class LeaseClient:
         self._limit = limit or 0
         self._held = 0
         self._deadline: float | None = None
+        #: the server time (ms) of the newest answer about this host's leases: a release is
+        #: sent with it, so that one run late (after a later grant) changes nothing
+        self._view_ms = 0
         self.rtt = 0.0
 
     # -- state ---------------------------------------------------------------------------
@@ -384,6 +387,16 @@ class LeaseClient:
         self.rtt = t1 - t0
         return reply, t0
 
+    def _release_to(self, target: int, drop_ticket: int, operation: str,
+                    timeout: float | None = None) -> bool:
+        """Tell the server this host holds at most ``target`` leases (``drop_ticket`` 1:
+        and leaves the queue); False if it answered ``STALE``: a grant newer than what this
+        client knew when it decided (only possible for a release that ran late, after a
+        later call; the excess comes back through :meth:`_reconcile`)."""
+        reply, _ = self._run(S.RELEASE, (self.host_id, target, self._generation, drop_ticket,
+                                         self._view_ms), operation, timeout)
+        return _int(reply[0]) != S.STALE
+
     def _set_deadline(self, t0: float, expiry_ms: int, now_ms: int) -> None:
         life = (expiry_ms - now_ms) / 1000.0
         # the server read its clock after t0: the lease lives at least `life` past t0, less
@@ -427,6 +440,7 @@ class LeaseClient:
                               "re-register after the budget's data was lost")
         held, expiry, now = _int(reply[2]), _int(reply[3]), _int(reply[4])
         self._generation, self._limit = _str(reply[7]), _int(reply[5])
+        self._view_ms = max(self._view_ms, now)
         lost, self._held = self._held - held, held
         if held:
             self._set_deadline(t0, expiry, now)
@@ -439,8 +453,11 @@ class LeaseClient:
                 f"({why}): close {lost} connection(s) now", lost=lost, held=held,
                 reason="generation")
 
-    def _reconcile(self, server_held: int, t0: float, expiry: int, now: int) -> None:
-        """Make our count agree with the server's after an answer about this host."""
+    def _reconcile(self, server_held: int, t0: float, expiry: int, now: int,
+                   granted: int = 0) -> None:
+        """Make our count agree with the server's after an answer about this host:
+        ``server_held`` is what it counted for the host before this answer's own
+        ``granted`` leases (which the caller adds to :attr:`held` afterwards)."""
         if server_held < self._held:
             lost, self._held = self._held - server_held, server_held
             if server_held:
@@ -451,9 +468,12 @@ class LeaseClient:
                 f"close {lost} connection(s) now; {server_held} still held",
                 lost=lost, held=server_held, reason="expired")
         if server_held > self._held:
-            # an earlier answer was lost after the server granted: give the excess back
-            self._run(S.RELEASE, (self.host_id, self._held, self._generation, 0),
-                      f"give back {server_held - self._held} leases granted in a lost answer")
+            # an earlier answer was lost after the server granted (or a release of ours
+            # timed out before it ran): give the excess back, and keep this answer's grants
+            # (before, they were given back too, and the host used leases it no longer held)
+            self._release_to(self._held + granted, 0,
+                             f"give back {server_held - self._held} leases granted in a lost "
+                             "answer")
         if self._held:
             self._set_deadline(t0, expiry, now)
 
@@ -479,6 +499,7 @@ class LeaseClient:
                 return self.deadline
             held, expiry, now = _int(reply[1]), _int(reply[2]), _int(reply[3])
             self._limit = _int(reply[4])
+            self._view_ms = max(self._view_ms, now)
             self._reconcile(held, t0, expiry, now)
             return self.deadline
 
@@ -494,14 +515,15 @@ class LeaseClient:
             return 0, S.LOST, self._limit
         granted, held = _int(reply[1]), _int(reply[2])
         self._limit = _int(reply[5])
+        self._view_ms = max(self._view_ms, _int(reply[4]))
         if granted and held - granted < self._held:
             # leases held before this call expired: the caller hears of the loss, not of
             # this call's grants, so give those back
             with contextlib.suppress(CoordinationError):
-                self._run(S.RELEASE, (self.host_id, held - granted, gen, 1), "give back a grant")
+                self._release_to(held - granted, 1, "give back a grant")
                 held -= granted
             granted = 0
-        self._reconcile(held - granted, t0, _int(reply[3]), _int(reply[4]))
+        self._reconcile(held - granted, t0, _int(reply[3]), _int(reply[4]), granted)
         self._held += granted
         if self._held:
             self._set_deadline(t0, _int(reply[3]), _int(reply[4]))
@@ -560,8 +582,8 @@ class LeaseClient:
             with self._lock:
                 self._held -= got  # no connection may use them, given back or not
                 with contextlib.suppress(CoordinationError):
-                    self._run(S.RELEASE, (self.host_id, self._held, self._generation, 1),
-                              "leave the queue", min(self.op_timeout, 0.2))
+                    self._release_to(self._held, 1, "leave the queue",
+                                     min(self.op_timeout, 0.2))
         if failure is not None:
             raise CoordinationError(
                 f"{failure} (for {waited:.2f} s of an acquire with timeout {wait:.2f} s)",
@@ -592,8 +614,7 @@ class LeaseClient:
             self._held -= k
             # "hold at most this many": repeated after a lost answer it gives back no more,
             # and it also returns grants whose answer never arrived
-            self._run(S.RELEASE, (self.host_id, self._held, self._generation, 0),
-                      f"release {_leases(k)}")
+            self._release_to(self._held, 0, f"release {_leases(k)}")
             return self._held
 
     def resize(self, limit: int, *, force: bool = False) -> None:

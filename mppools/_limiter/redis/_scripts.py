@@ -14,6 +14,8 @@ Status codes (first element of every answer but ``init`` and ``stats``):
 * ``GRACE`` (2): a new generation's grace period runs; nothing new is granted
 * ``REFUSED`` (3): a shrink below the leases held without ``force``
 * ``CREATED`` (4): ``register`` started a new generation (and its grace period)
+* ``STALE`` (5): ``release`` was decided before a grant this host has since been given (it
+  arrived late: sent on a connection that timed out, and run after later calls): ignored
 
 Contracts (ARGV in order; answers as arrays):
 
@@ -31,7 +33,9 @@ Contracts (ARGV in order; answers as arrays):
     ``n > 0``), so hosts are served first come, first served; a ticket lives ``ticket_ttl_ms``
     past the host's last call. A host served in full (or in part, with ``partial`` 1) leaves
     the queue. All leases of
-    ``host`` (old and new) expire at ``now + ttl_ms``. ``n = 0`` only renews.
+    ``host`` (old and new) expire at ``now + ttl_ms``. ``n = 0`` only renews. A grant is
+    stamped in the meta hash as ``t:<host>`` -> ``now`` (the host's last grant, for
+    ``release``; dropped with the host's leases when they expire).
 
 ``renew(host, ttl_ms, gen[, figures])`` -> ``{status, held, expiry, now, limit, grace_until, gen}``
     Drop expired leases, then move the expiry of all leases ``host`` still holds to
@@ -39,11 +43,16 @@ Contracts (ARGV in order; answers as arrays):
     holds leases may report its local ``figures`` (``in_use:idle:waiting``): kept in the meta
     hash as ``i:<host>`` -> ``figures:now`` until its leases expire (for ``stats``).
 
-``release(host, target, gen, drop_ticket)`` -> ``{status, released, held}``
+``release(host, target, gen, drop_ticket, view)`` -> ``{status, released, held}``
     Give back leases until ``host`` holds at most ``target`` (idempotent: a call repeated
     after a lost answer gives back nothing more; also returns grants whose answer the host
     never saw); ``drop_ticket`` ``1`` also leaves the queue (an acquire that timed out). The
-    expiry of the rest is unchanged. Reads no clock: it only lowers counts.
+    expiry of the rest is unchanged. Reads no clock: it only lowers counts. ``view`` is the
+    server time (``now``) of the newest answer the host had about its leases when it decided:
+    a release decided before the host's last grant (``t:<host>`` later than ``view``) is
+    ``STALE`` and changes nothing (no ``view``: no such check). Without that, a release sent on a connection that timed
+    out (a frozen server) and run only after the host's next acquire would take away the
+    lease that acquire granted, while the host uses it (two hosts on one lease).
 
 ``resize(limit, force)`` -> ``{status, used, limit, now}``
     Set the limit for every host. Below the leases held: ``REFUSED`` without ``force``; with
@@ -82,11 +91,12 @@ __all__ = [
     "RENEW",
     "RESIZE",
     "SCRIPTS",
+    "STALE",
     "STATS",
     "Script",
 ]
 
-OK, LOST, GRACE, REFUSED, CREATED = 0, 1, 2, 3, 4
+OK, LOST, GRACE, REFUSED, CREATED, STALE = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,7 @@ local function expire(now)
   for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
     fields[#fields + 1] = 'h:' .. h
     figures[#figures + 1] = 'i:' .. h
+    figures[#figures + 1] = 't:' .. h
   end
   local freed = 0
   for _, c in ipairs(redis.call('HMGET', KEYS[1], unpack(fields))) do
@@ -200,7 +211,7 @@ if n > 0 then
 end
 if granted > 0 then
   held = held + granted
-  redis.call('HSET', KEYS[1], 'used', used + granted, hf, held)
+  redis.call('HSET', KEYS[1], 'used', used + granted, hf, held, 't:' .. host, now)
 end
 local expiry = 0
 if held > 0 then
@@ -232,9 +243,13 @@ return {0, held, expiry, now, tonumber(m[2]), tonumber(m[3]), m[1]}
 _RELEASE = r"""
 local host, target = ARGV[1], tonumber(ARGV[2])
 local hf = 'h:' .. host
-local m = redis.call('HMGET', KEYS[1], 'gen', 'used', hf)
+local m = redis.call('HMGET', KEYS[1], 'gen', 'used', hf, 't:' .. host)
 if (not m[1]) or m[1] ~= ARGV[3] then
   return {1, 0, 0}
+end
+if ARGV[5] and tonumber(m[4] or '0') > tonumber(ARGV[5]) then
+  -- decided before a grant the host has had since: late, it would take that grant away
+  return {5, 0, tonumber(m[3] or '0')}
 end
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[3], host)
@@ -293,7 +308,7 @@ if gen ~= ARGV[3] and want > held then
   end
   if accepted > 0 then
     held = held + accepted
-    redis.call('HSET', KEYS[1], 'h:' .. host, held)
+    redis.call('HSET', KEYS[1], 'h:' .. host, held, 't:' .. host, now)
     redis.call('HINCRBY', KEYS[1], 'used', accepted)
   end
 end
