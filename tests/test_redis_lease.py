@@ -569,6 +569,32 @@ def test_a_release_run_late_does_not_take_back_a_later_grant(
     assert (got, held) == (1, {"host-a": 1, "host-b": 1})
 
 
+def test_a_resize_run_late_does_not_undo_a_later_one(
+        redis_server: RedisServer, lease_name: str) -> None:
+    """An operator's resize that timed out (the server froze), then another resize: the
+    first one, run only afterwards, used to set its older limit."""
+    from support.relay import HoldingRelay
+
+    with HoldingRelay(("127.0.0.1", redis_server.port)) as relay:
+        a = LeaseClient(relay.url, lease_name, "admin-a", ttl=10.0, limit=2, fresh=True,
+                        op_timeout=0.3)
+        b = LeaseClient(redis_server.url, lease_name, "admin-b", ttl=10.0, op_timeout=0.3)
+        try:
+            a.join()
+            assert relay.hold() == 1
+            with pytest.raises(CoordinationError, match="resize to 5"):
+                a.resize(5)  # timed out
+            b.resize(3)  # the newer decision
+            assert relay.flush() > 0  # the resize to 5 runs now
+            limit = b.stats().limit
+            a.resize(4)  # a caller that is still waiting, with an older view: applied
+            again = b.stats().limit
+        finally:
+            a.close(release=False)
+            b.close(release=False)
+    assert (limit, again) == (3, 4)
+
+
 def test_a_grant_whose_answer_was_lost_is_given_back(redis_server: RedisServer,
                                                      lease_name: str) -> None:
     a = LeaseClient(redis_server.url, lease_name, "host0", ttl=5.0, limit=3, fresh=True)

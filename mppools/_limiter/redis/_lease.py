@@ -267,6 +267,8 @@ class LeaseClient:
         #: the server time (ms) of the newest answer about this host's leases: a release is
         #: sent with it, so that one run late (after a later grant) changes nothing
         self._view_ms = 0
+        #: the newest server time of any answer (a resize is sent with it)
+        self._seen_ms = 0
         self.rtt = 0.0
 
     # -- state ---------------------------------------------------------------------------
@@ -387,6 +389,9 @@ class LeaseClient:
         self.rtt = t1 - t0
         return reply, t0
 
+    def _seen(self, now_ms: int) -> None:
+        self._seen_ms = max(self._seen_ms, now_ms)
+
     def _release_to(self, target: int, drop_ticket: int, operation: str,
                     timeout: float | None = None) -> bool:
         """Tell the server this host holds at most ``target`` leases (``drop_ticket`` 1:
@@ -414,6 +419,7 @@ class LeaseClient:
         reply, _ = self._run(S.INIT, (self._create_limit or 0, self._ttl_ms,
                                       _names.new_generation(), int(self._fresh)), "join")
         status, gen, limit = _int(reply[0]), _str(reply[1]), _int(reply[2])
+        self._seen(_int(reply[4]))
         if status == 2:
             raise NotConfiguredError(f"no budget {self.name!r} on coordination server "
                                      f"{self.server} (give a limit to create it)")
@@ -441,6 +447,7 @@ class LeaseClient:
         held, expiry, now = _int(reply[2]), _int(reply[3]), _int(reply[4])
         self._generation, self._limit = _str(reply[7]), _int(reply[5])
         self._view_ms = max(self._view_ms, now)
+        self._seen(now)
         lost, self._held = self._held - held, held
         if held:
             self._set_deadline(t0, expiry, now)
@@ -500,6 +507,7 @@ class LeaseClient:
             held, expiry, now = _int(reply[1]), _int(reply[2]), _int(reply[3])
             self._limit = _int(reply[4])
             self._view_ms = max(self._view_ms, now)
+            self._seen(now)
             self._reconcile(held, t0, expiry, now)
             return self.deadline
 
@@ -516,6 +524,7 @@ class LeaseClient:
         granted, held = _int(reply[1]), _int(reply[2])
         self._limit = _int(reply[5])
         self._view_ms = max(self._view_ms, _int(reply[4]))
+        self._seen(_int(reply[4]))
         if granted and held - granted < self._held:
             # leases held before this call expired: the caller hears of the loss, not of
             # this call's grants, so give those back
@@ -631,8 +640,21 @@ class LeaseClient:
             raise ConfigurationError(f"limit must be an int from 1 to {MAX_CAPACITY}, not "
                                      f"{limit!r}")
         with self._lock:
-            reply, _ = self._run(S.RESIZE, (limit, int(force)), f"resize to {limit}")
-            status, used = _int(reply[0]), _int(reply[1])
+            view = self._seen_ms
+            for _ in range(2):
+                reply, _ = self._run(S.RESIZE, (limit, int(force), view), f"resize to {limit}")
+                status, used = _int(reply[0]), _int(reply[1])
+                self._seen(_int(reply[3]))
+                if status != S.STALE:
+                    break
+                # resized by someone else since our view: ours is the newer decision
+                view = _int(reply[3])
+            if status == S.STALE:
+                raise CoordinationError(
+                    f"budget {self.name!r} on {self.server} was resized again while "
+                    f"resizing it to {limit}: try again", name=self.name, limit=self._limit,
+                    waited=0.0, server=self.server, operation=f"resize to {limit}",
+                    deadline=self.deadline)
             if status == S.LOST:
                 raise NotConfiguredError(f"no budget {self.name!r} on coordination server "
                                          f"{self.server}")
@@ -650,6 +672,7 @@ class LeaseClient:
         """
         with self._lock:
             r, _ = self._run(S.STATS, (), "read stats")
+            self._seen(_int(r[5]))
         now = _int(r[5])
         hosts = r[7] or []
         tickets = r[8] or []

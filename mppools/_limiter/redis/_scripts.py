@@ -14,8 +14,9 @@ Status codes (first element of every answer but ``init`` and ``stats``):
 * ``GRACE`` (2): a new generation's grace period runs; nothing new is granted
 * ``REFUSED`` (3): a shrink below the leases held without ``force``
 * ``CREATED`` (4): ``register`` started a new generation (and its grace period)
-* ``STALE`` (5): ``release`` was decided before a grant this host has since been given (it
-  arrived late: sent on a connection that timed out, and run after later calls): ignored
+* ``STALE`` (5): ``release`` was decided before a grant this host has since been given, or
+  ``resize`` before the limit was last set (it arrived late: sent on a connection that
+  timed out, and run after later calls): ignored
 
 Contracts (ARGV in order; answers as arrays):
 
@@ -54,9 +55,13 @@ Contracts (ARGV in order; answers as arrays):
     out (a frozen server) and run only after the host's next acquire would take away the
     lease that acquire granted, while the host uses it (two hosts on one lease).
 
-``resize(limit, force)`` -> ``{status, used, limit, now}``
+``resize(limit, force, view)`` -> ``{status, used, limit, now}``
     Set the limit for every host. Below the leases held: ``REFUSED`` without ``force``; with
-    it the excess is debt (nothing is granted until hosts give back enough).
+    it the excess is debt (nothing is granted until hosts give back enough). ``view`` is the
+    newest server time the caller had seen when it decided: if the limit was set since
+    (``resized_at`` later than ``view``) the call is ``STALE`` and changes nothing, so that
+    a resize run late (its caller timed out and maybe resized again) cannot undo a later
+    one; a caller still waiting may try again with the answer's ``now``.
 
 ``register(host, held, old_gen, limit, ttl_ms, new_gen)``
     -> ``{status, accepted, held, expiry, now, limit, grace_until, gen}``
@@ -276,7 +281,11 @@ local limit = tonumber(ARGV[1])
 if limit < used and ARGV[2] ~= '1' then
   return {3, used, tonumber(m[2]), now}
 end
-redis.call('HSET', KEYS[1], 'limit', limit)
+local at = tonumber(redis.call('HGET', KEYS[1], 'resized_at') or '0')
+if ARGV[3] and at > tonumber(ARGV[3]) then
+  return {5, used, tonumber(m[2]), now}
+end
+redis.call('HSET', KEYS[1], 'limit', limit, 'resized_at', now)
 return {0, used, limit, now}
 """
 
