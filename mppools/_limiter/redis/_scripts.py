@@ -49,11 +49,12 @@ Contracts (ARGV in order; answers as arrays):
     after a lost answer gives back nothing more; also returns grants whose answer the host
     never saw); ``drop_ticket`` ``1`` also leaves the queue (an acquire that timed out). The
     expiry of the rest is unchanged. Reads no clock: it only lowers counts. ``view`` is the
-    server time (``now``) of the newest answer the host had about its leases when it decided:
-    a release decided before the host's last grant (``t:<host>`` later than ``view``) is
-    ``STALE`` and changes nothing (no ``view``: no such check). Without that, a release sent on a connection that timed
-    out (a frozen server) and run only after the host's next acquire would take away the
-    lease that acquire granted, while the host uses it (two hosts on one lease).
+    server time (``now``) of the newest answer the host had about its leases when it
+    decided: a release decided before the host's last grant (``t:<host>`` later than
+    ``view``) is ``STALE`` and changes nothing (no ``view``: no such check). Without that,
+    a release sent on a connection that timed out (a frozen server) and run only after the
+    host's next acquire would take away the lease that acquire granted, while the host
+    uses it (two hosts on one lease).
 
 ``resize(limit, force, view)`` -> ``{status, used, limit, now}``
     Set the limit for every host. Below the leases held: ``REFUSED`` without ``force``; with
