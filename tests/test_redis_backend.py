@@ -748,3 +748,22 @@ def test_a_connection_in_use_is_cut_before_its_lease_can_go_elsewhere(
             assert counting.ask("stats")["peak"] <= 1
     finally:
         coordination.stop()
+
+
+def test_the_watchdog_starts_under_an_interpreter_that_is_not_python(
+        redis_server: Any, budget_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an embedding (a uWSGI binary) whose sys.executable is not a python: the watchdog is run
+    # by this environment's own pythonX.Y (before: no watchdog, a stopped master unfenced)
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/usr/local/bin/uwsgi")
+    monkeypatch.setattr(sys, "_base_executable", "/usr/local/bin/uwsgi", raising=False)
+    limiter = mppools.configure(2, name=budget_name, backend=_spec(redis_server))
+    try:
+        watchdog = limiter._watchdog  # type: ignore[attr-defined]
+        assert watchdog is not None, "no watchdog"
+        python = watchdog.args[0]
+        assert os.path.basename(python).startswith("python") and os.access(python, os.X_OK)
+        assert watchdog.poll() is None, "the watchdog did not start"
+    finally:
+        mppools.close()

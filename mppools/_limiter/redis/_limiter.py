@@ -346,10 +346,11 @@ class RedisLimiter(Limiter):
                            "master will not be fenced", self.name, exc)
             return
         self._publish()
-        if not os.path.basename(sys.executable).startswith("python"):
-            logger.warning("mppools: budget %r: no lease watchdog (the interpreter %r is not "
-                           "a python executable): a stopped master will not be fenced",
-                           self.name, sys.executable)
+        python = python_executable()
+        if python is None:
+            logger.warning("mppools: budget %r: no lease watchdog (no python executable "
+                           "found beside %r or in %r): a stopped master will not be fenced",
+                           self.name, sys.executable, sys.exec_prefix)
             return
         import mppools
 
@@ -358,7 +359,7 @@ class RedisLimiter(Limiter):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             self._watchdog = subprocess.Popen(
-                [sys.executable, "-m", "mppools._limiter.redis._watchdog", self.name,
+                [python, "-m", "mppools._limiter.redis._watchdog", self.name,
                  str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 env=env, close_fds=True)
         except OSError as exc:
@@ -900,6 +901,23 @@ class RedisLimiter(Limiter):
     def __repr__(self) -> str:
         return (f"<RedisLimiter {self.name!r} on {self._server or self._url}: "
                 f"local limit {self._local.limit - 1}>")
+
+
+def python_executable() -> str | None:
+    """A Python interpreter of this installation that can run the lease watchdog:
+    ``sys.executable``, or, in an embedding whose executable is not Python (a uWSGI binary),
+    the ``pythonX.Y`` / ``python3`` of this environment's prefix (a virtualenv's own first).
+    None if there is none."""
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = [sys.executable, getattr(sys, "_base_executable", "")]
+    for prefix in dict.fromkeys((sys.exec_prefix, sys.base_exec_prefix)):
+        candidates += [os.path.join(prefix, "bin", version),
+                       os.path.join(prefix, "bin", "python3")]
+    for path in candidates:
+        if (path and os.path.basename(path).startswith("python") and os.path.isfile(path)
+                and os.access(path, os.X_OK)):
+            return path
+    return None
 
 
 def _alive(pid: int) -> bool:
