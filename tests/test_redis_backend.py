@@ -13,6 +13,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -754,8 +756,6 @@ def test_the_watchdog_starts_under_an_interpreter_that_is_not_python(
         redis_server: Any, budget_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # an embedding (a uWSGI binary) whose sys.executable is not a python: the watchdog is run
     # by this environment's own pythonX.Y (before: no watchdog, a stopped master unfenced)
-    import sys
-
     monkeypatch.setattr(sys, "executable", "/usr/local/bin/uwsgi")
     monkeypatch.setattr(sys, "_base_executable", "/usr/local/bin/uwsgi", raising=False)
     limiter = mppools.configure(2, name=budget_name, backend=_spec(redis_server))
@@ -767,3 +767,35 @@ def test_the_watchdog_starts_under_an_interpreter_that_is_not_python(
         assert watchdog.poll() is None, "the watchdog did not start"
     finally:
         mppools.close()
+
+
+def test_a_second_master_on_the_same_host_is_refused_and_changes_nothing(
+        redis_server: Any, budget_name: str) -> None:
+    # a gunicorn binary upgrade starts a new master beside the old one: with the cross-host
+    # backend it cannot take the host's leases over. Before, its configure() failed with
+    # "already exists with limit 4 ...; asked for limit 1" (an internal figure)
+    spec = _spec(redis_server)
+    code = ("import mppools, os, sys\n"
+            f"lim = mppools.configure(3, {budget_name!r}, backend={spec!r})\n"
+            "print(lim.stats().extra['local_limit'], flush=True)\n"
+            "sys.stdin.read()\n")
+    old = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert old.stdout is not None
+        before = old.stdout.readline().strip()
+        assert before == "3", before
+        with pytest.raises(mppools.BudgetInUseError,
+                           match=rf"kept by its live master, pid {old.pid}.*binary upgrade"):
+            mppools.configure(3, budget_name, backend=spec)
+        assert mppools._config.current() is None
+        local = posix.PosixLimiter.open(budget_name, create=False)
+        try:
+            assert local.limit == 4  # 3 leases and the old master's plug, untouched
+            assert local.stats().creator_pid == old.pid
+        finally:
+            local.close()
+    finally:
+        assert old.stdin is not None
+        old.stdin.close()
+        old.wait(30)

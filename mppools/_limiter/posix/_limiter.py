@@ -755,6 +755,11 @@ class PosixLimiter(Limiter):
     def is_creator(self) -> bool:
         return self._table.read_header().creator_owner == _self.me().owner
 
+    def creator_alive(self) -> bool:
+        """True if the process that created (or adopted) this budget still lives: its token
+        is held (which holds across PID namespaces), or it is this process."""
+        return self.is_creator() or _tokens.is_held(self._tfd, CREATOR_TOKEN_AT)
+
     def after_fork_in_child(self) -> None:
         self._pid = os.getpid()
         self._mutex.after_fork_in_child()

@@ -79,6 +79,7 @@ from typing import Any
 
 from mppools._errors import (
     BudgetInUseError,
+    BudgetNotFoundError,
     ConfigurationError,
     CoordinationError,
     LeaseLostError,
@@ -266,6 +267,7 @@ class RedisLimiter(Limiter):
             self._limit_seen = max(0, local.limit - 1)
             return self
         assert limit is not None
+        _refuse_a_second_master(name)
         cap = capacity if capacity is not None else max(DEFAULT_CAPACITY, limit)
         if cap + 1 > MAX_CAPACITY:
             raise ConfigurationError(f"capacity {cap} leaves no room for the lease keeper's "
@@ -901,6 +903,32 @@ class RedisLimiter(Limiter):
     def __repr__(self) -> str:
         return (f"<RedisLimiter {self.name!r} on {self._server or self._url}: "
                 f"local limit {self._local.limit - 1}>")
+
+
+def _refuse_a_second_master(name: str) -> None:
+    """A host's part of a cross-host budget has one master, the process that keeps its
+    leases. Another process configuring it while that master lives (a gunicorn binary
+    upgrade: the new master starts beside the old one) is refused, before anything is made
+    or changed: taking the budget over is not supported by this backend.
+
+    Raises:
+        BudgetInUseError: this host's budget ``name`` has a live master other than us.
+    """
+    try:
+        local = PosixLimiter.open(name, create=False)
+    except BudgetNotFoundError:
+        return  # none yet (or leftovers of a dead master: recovered by the create)
+    try:
+        creator = local.stats().creator_pid
+        alive = local.creator_alive() and not local.is_creator()
+    finally:
+        local.close()
+    if alive:
+        raise BudgetInUseError(
+            f"budget {name!r} on this host is kept by its live master, pid {creator}, which "
+            "holds its leases: a second master on the same host (a gunicorn binary upgrade, "
+            "USR2) cannot take over a cross-host budget; stop the old master first, or give "
+            "the new one another name")
 
 
 def python_executable() -> str | None:
