@@ -310,6 +310,42 @@ def test_a_master_forking_from_c_runs_no_thread_of_ours(
 @needs_uwsgi
 @pytest.mark.redis
 @pytest.mark.timeout(180)
+def test_a_cross_host_budget_needs_pythons_fork_handling_in_uwsgi(
+    redis_server: RedisServer, tmp_path: Path, budget_name: str
+) -> None:
+    """backend=redis keeps a lease thread in the master: uWSGI's default (workers forked
+    from C without Python's fork handling) is refused at setup(), so the app does not load
+    (--need-app: uWSGI exits); with --py-call-uwsgi-fork-hooks the budget works."""
+    spec = f"{redis_server.url}?lease_ttl=2&fresh=1"
+    with ProxyProcess(("127.0.0.1", redis_server.port)) as proxy:
+        refused = Uwsgi(tmp_path, "preforked", _env(proxy, redis_server, budget_name,
+                                                    MPPOOLS_BACKEND=spec), name=budget_name,
+                        processes=2)
+        try:
+            code = refused.proc.wait(60)
+            log = refused.log_tail(200)
+        finally:
+            refused.stop()
+        assert code != 0, log
+        assert "--py-call-uwsgi-fork-hooks" in log and "ConfigurationError" in log, log
+        assert not shm_objects(budget_name), "the refused setup left a budget"
+        server = Uwsgi(tmp_path, "preforked-uwsgi-fork-hooks",
+                       _env(proxy, redis_server, budget_name, MPPOOLS_BACKEND=spec,
+                            ITEST_WARMUP="1"), name=budget_name, processes=4)
+        try:
+            server.wait_ready()
+            answers = [server.get(f"/pub?id=r{i}") for i in range(12)]
+            pids = {a.split()[1] for a in answers if a.startswith("ok ")}
+            peak = proxy.peak
+        finally:
+            server.stop()
+    assert all(a.startswith("ok ") for a in answers), answers
+    assert pids and peak <= LIMIT, (pids, peak)
+
+
+@needs_uwsgi
+@pytest.mark.redis
+@pytest.mark.timeout(180)
 def test_lazy_apps_worker_exit_keeps_one_budget(
     redis_server: RedisServer, tmp_path: Path, budget_name: str
 ) -> None:
