@@ -608,7 +608,7 @@ def test_a_stopped_master_is_fenced_by_its_watchdog(hosts: list[Host], redis_ser
 
 @contextlib.contextmanager
 def _master_with_worker(redis_server: Any, budget_name: str, worker_body: str,
-                        seconds: int = 60) -> Iterator[tuple[Any, list[int]]]:
+                        seconds: int = 60, then: str = "") -> Iterator[tuple[Any, list[int]]]:
     """A master process (limit 2 across hosts) that forks one worker running
     ``worker_body`` (Python lines, indented by 4; it writes to the pipe ``w`` once ready);
     yields the master's Popen and [the worker's pid], and SIGKILLs both at the end (a test
@@ -630,6 +630,7 @@ def _master_with_worker(redis_server: Any, budget_name: str, worker_body: str,
         "    os._exit(0)\n"
         "os.read(r, 1)\n"
         "print(pid, flush=True)\n"
+        f"{then}"
         f"time.sleep({seconds})\n")
     master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               env=repo_env(), text=True)
@@ -799,3 +800,51 @@ def test_a_second_master_on_the_same_host_is_refused_and_changes_nothing(
         assert old.stdin is not None
         old.stdin.close()
         old.wait(30)
+
+
+@pytest.mark.timeout(90)
+def test_a_master_that_closes_while_its_worker_lives_keeps_the_plug(
+        redis_server: Any, budget_name: str) -> None:
+    # mppools.close() in the master while its worker keeps using pooled connections: the
+    # master's plug slot went back at once, so the worker kept a connection for ever after
+    # the leases had lapsed (none held on the server for this host). The master now keeps
+    # the plug while it lives (and its watchdog stands in once it is gone): the worker's
+    # connection is handed on and it gets no slot any more
+    body = ("    pool = mppools.connections[Connection('memory://')]\n"
+            "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
+            "    os.write(w, b'x')\n"
+            "    end = time.monotonic() + 80\n"
+            "    while time.monotonic() < end:\n"
+            "        try:\n"
+            "            c = pool.acquire(block=True, timeout=0.2)\n"
+            "        except mppools.LimitExceeded:\n"
+            "            continue\n"
+            "        c.connect(); c.release(); time.sleep(0.005)\n")
+    then = "mppools.close()\nprint('closed', flush=True)\n"
+    with _master_with_worker(redis_server, budget_name, body, seconds=80,
+                             then=then) as (master, w):
+        worker = w[0]
+        assert master.stdout is not None
+        assert master.stdout.readline().strip() == "closed"
+        from mppools._limiter.redis import LeaseClient
+
+        local = posix.PosixLimiter.open(budget_name, create=False)
+        probe = LeaseClient(redis_server.url, budget_name, "probe", ttl=TTL)
+        try:
+            def worker_holds() -> int:
+                return sum(h.slots for h in local.stats().holders if h.pid == worker)
+
+            assert wait_until(lambda: local.limit == 1 and worker_holds() == 0, 20, 0.01,
+                              what="the worker's connection handed on")
+            # until well after the leases lapsed in the server, the worker gets nothing
+            deadline = time.monotonic() + 2 * TTL
+            lapsed = False
+            while time.monotonic() < deadline:
+                assert worker_holds() == 0, "the worker got a slot the host has no lease for"
+                lapsed = lapsed or probe.stats().in_use == 0
+                time.sleep(0.02)
+            assert lapsed, "the host's leases never lapsed"
+            assert {h.pid for h in local.stats().holders} == {master.pid}  # the plug
+        finally:
+            probe.close(release=False)
+            local.close()

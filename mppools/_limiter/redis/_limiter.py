@@ -66,6 +66,7 @@ to be new, e.g. in tests).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -77,6 +78,7 @@ import time
 import urllib.parse
 from typing import Any
 
+from mppools import _fork
 from mppools._errors import (
     BudgetInUseError,
     BudgetNotFoundError,
@@ -267,6 +269,7 @@ class RedisLimiter(Limiter):
             self._limit_seen = max(0, local.limit - 1)
             return self
         assert limit is not None
+        _let_go_retained(name)
         _refuse_a_second_master(name)
         cap = capacity if capacity is not None else max(DEFAULT_CAPACITY, limit)
         if cap + 1 > MAX_CAPACITY:
@@ -858,6 +861,11 @@ class RedisLimiter(Limiter):
         if self._closed:
             return
         master = self._is_master()
+        # workers (or others) still have this host's budget open: they must get no slot
+        # once the leases lapse, so the plug stays held while this process lives, and the
+        # watchdog stands in for it when it is gone (before: the plug went back at once and
+        # a worker could keep a connection for ever with no lease behind it)
+        retain = master and self._local.opened_elsewhere()
         self._stop.set()
         thread = self._thread
         if master and thread is not None and thread is not threading.current_thread():
@@ -866,15 +874,20 @@ class RedisLimiter(Limiter):
         if master:
             with contextlib.suppress(OSError):
                 os.unlink(f"{rendezvous_dir(self.name)}/{SPEC_FILE}")
-            if self._board is not None:
-                self._board.close()  # -1: the watchdog exits
-                self._board = None
-            watchdog, self._watchdog = self._watchdog, None
-            if watchdog is not None:
-                with contextlib.suppress(OSError):
-                    watchdog.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    watchdog.wait(2)
+            if retain:
+                if self._board is not None:
+                    with contextlib.suppress(MppoolsError, ValueError, OSError):
+                        self._board.write(None)  # nothing lent out; stand in at our exit
+            else:
+                if self._board is not None:
+                    self._board.close()  # -1: the watchdog exits
+                    self._board = None
+                watchdog, self._watchdog = self._watchdog, None
+                if watchdog is not None:
+                    with contextlib.suppress(OSError):
+                        watchdog.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        watchdog.wait(2)
         if master and self._wake is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._wake_path())  # one master per budget and host: ours
@@ -898,11 +911,60 @@ class RedisLimiter(Limiter):
             if self._probe is not None and self._probe_pid == os.getpid():
                 self._probe.close(release=False)
             self._probe = None
+        if retain and self._plug is not None:
+            _retained[self.name] = _Retained(self._local, self._plug, self._board,
+                                             self._watchdog)
+            return
         self._local.close()
 
     def __repr__(self) -> str:
         return (f"<RedisLimiter {self.name!r} on {self._server or self._url}: "
                 f"local limit {self._local.limit - 1}>")
+
+
+@dataclasses.dataclass
+class _Retained:
+    """What a master that closed the budget while others still use it keeps until it exits
+    or configures the budget again: the local budget with its plug held, the board (it
+    says nothing is lent out) and the watchdog, which stands in once this process is gone."""
+
+    local: PosixLimiter
+    plug: Slot
+    board: Board | None
+    watchdog: subprocess.Popen[bytes] | None
+
+
+#: by budget name, in the process that closed it (never inherited: see _drop_retained)
+_retained: dict[str, _Retained] = {}
+
+
+def _let_go_retained(name: str) -> None:
+    """This process becomes the master of ``name`` again: what it kept from its last
+    close is given back (the new master takes a plug of its own and starts its own
+    watchdog)."""
+    kept = _retained.pop(name, None)
+    if kept is None:
+        return
+    with contextlib.suppress(MppoolsError):
+        kept.local.release(kept.plug)
+    if kept.board is not None:
+        kept.board.close()
+    if kept.watchdog is not None:
+        with contextlib.suppress(OSError):
+            kept.watchdog.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            kept.watchdog.wait(2)
+    kept.local.close()
+
+
+def _drop_retained() -> None:
+    """In a forked child: the parent's plug, board and watchdog are the parent's (kept
+    referenced, so that no finalizer acts on them here)."""
+    _fork.bury(list(_retained.values()))
+    _retained.clear()
+
+
+_fork.on_fork_in_child(_drop_retained)
 
 
 def _refuse_a_second_master(name: str) -> None:
