@@ -848,3 +848,26 @@ def test_a_master_that_closes_while_its_worker_lives_keeps_the_plug(
         finally:
             probe.close(release=False)
             local.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_master_that_closed_while_its_worker_lives_can_configure_again(
+        redis_server: Any, budget_name: str) -> None:
+    # what it kept at its close (the plug, the board, the watchdog) is let go, and it is the
+    # host's master again: the worker gets slots under new leases
+    body = ("    os.write(w, b'x')\n"
+            "    time.sleep(80)\n")
+    then = ("mppools.close()\n"
+            f"lim = mppools.configure(2, name={budget_name!r}, "
+            f"backend={_spec(redis_server)!r}, idle_timeout=None)\n"
+            "print(lim.stats().limit, lim.stats().extra['local_limit'], flush=True)\n")
+    with _master_with_worker(redis_server, budget_name, body, seconds=80,
+                             then=then) as (master, _):
+        assert master.stdout is not None
+        assert master.stdout.readline().split() == ["2", "2"]
+        local = posix.PosixLimiter.open(budget_name, create=False)
+        try:
+            assert local.limit == 3  # 2 leases and one plug: the old plug was let go
+            assert [h.slots for h in local.stats().holders] == [1]
+        finally:
+            local.close()

@@ -9,6 +9,8 @@ the host's *master*. It serves one-line commands from its stdin, one answer line
                                 idle_timeout=None) -> "OK"
     workers K                   fork K worker processes (each serves commands over a pipe)
                                 -> "OK"
+    attach NAME SPEC            (in a worker forked before ``configure``)
+                                mppools.attach(NAME, backend=SPEC) -> "OK"
     w I CMD...                  run CMD in worker I (the answer is the worker's)
     wsend I CMD...              start CMD in worker I -> "OK"; ``wget I`` -> its answer
     acquire T                   limiter.acquire(timeout=T) -> "GOT <s> <ns>" (seconds it took,
@@ -209,6 +211,9 @@ def _do(limiter: Any, state: dict[str, Any], words: list[str]) -> str:  # pragma
     import mppools
 
     cmd, args = words[0], words[1:]
+    if cmd == "attach":
+        mppools.attach(args[0], backend=args[1])
+        return "OK"
     if cmd in ("acquire", "hold"):
         t0 = time.monotonic()
         try:
