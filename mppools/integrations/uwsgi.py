@@ -272,9 +272,13 @@ JOIN_RACE_SECONDS = 5.0
 
 
 def _forks_with_python(server: Any) -> bool:
-    """True if this uWSGI runs CPython's fork handling in every worker before any Python
-    code there (``--py-call-uwsgi-fork-hooks`` or ``--py-call-osafterfork``)."""
-    return _flag(server, "py-call-uwsgi-fork-hooks") or _flag(server, "py-call-osafterfork")
+    """True if this uWSGI holds the GIL across every fork and runs CPython's fork handling
+    in the child before anything else touches the GIL: ``--py-call-uwsgi-fork-hooks``.
+    Not ``--py-call-osafterfork``: it runs ``PyOS_AfterFork_Child`` in the worker's
+    post-fork step, after a respawned worker has already taken the GIL (uWSGI's
+    ``master_fixup``, with threads enabled), which a master thread holding it at the fork
+    would leave taken."""
+    return _flag(server, "py-call-uwsgi-fork-hooks")
 
 
 def _refuse_threads(processes: int, kwargs: dict[str, Any]) -> None:
@@ -329,11 +333,16 @@ def setup(limit: int | None = None, name: str | None = None,
     limit is given anywhere: then mppools stays unconfigured (per-process pools, like
     kombu.pools).
 
+    In a preforking master without ``--py-call-uwsgi-fork-hooks`` (uWSGI forks the workers
+    from C) mppools runs no thread: the master keeps no idle connection (a release gives its
+    slot back at once) and a keeper thread already running is stopped.
+
     Raises:
         ConfigurationError: an invalid setting; the app is loaded in the workers
             (``--lazy-apps``) and the budget has no name, so that every worker would make a
             budget of its own; ``backend="memory"`` (one budget per process) with more than
-            one uWSGI process; or what :func:`mppools.configure` raises.
+            one uWSGI process; a cross-host budget (it keeps a lease thread) in a master
+            without ``--py-call-uwsgi-fork-hooks``; or what :func:`mppools.configure` raises.
     """
     global _hooks_installed_in
     limit, name, kwargs = settings_from_env(limit, name, configure_kwargs)
