@@ -999,10 +999,12 @@ def python_executable() -> str | None:
     the ``pythonX.Y`` / ``python3`` of this environment's prefix (a virtualenv's own first).
     None if there is none."""
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    candidates = [sys.executable, getattr(sys, "_base_executable", "")]
+    candidates = [sys.executable]
     for prefix in dict.fromkeys((sys.exec_prefix, sys.base_exec_prefix)):
         candidates += [os.path.join(prefix, "bin", version),
                        os.path.join(prefix, "bin", "python3")]
+    # last: the base interpreter of a virtualenv lacks the packages installed in it
+    candidates.append(getattr(sys, "_base_executable", ""))
     for path in candidates:
         if (path and os.path.basename(path).startswith("python") and os.path.isfile(path)
                 and os.access(path, os.X_OK)):
