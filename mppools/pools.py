@@ -143,7 +143,9 @@ class LimitedConnection(PooledConnection):
         self._mppools_first_use = True
         self._mppools_uses = self._mppools_turn_uses = 0
         self._mppools_severed = False
-        cells = limiter.cells(slot)
+        # no cells in a thread-free process: its releases then take the limiter's path, which
+        # gives the slot back at once (no keeper could hand an idle one on later)
+        cells = None if _fork._threadless else limiter.cells(slot)
         if cells is not None:
             self._mppools_view, self._mppools_at, self._mppools_pressure_at = cells
         # a connection dropped without being closed (a pool group cleared by hand, say)
@@ -474,8 +476,6 @@ class LimitedConnectionPool(ConnectionPool):
                     # someone waits and this connection had its quantum (or the budget
                     # shrank): hand the slot on, don't idle
                     resource._mppools_note_turn(now)
-                    resource._mppools_close_taken()
-                elif _fork._threadless:  # no keeper here to hand an idle slot on later
                     resource._mppools_close_taken()
                 else:
                     resource._mppools_idle_since = now

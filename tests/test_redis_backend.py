@@ -606,6 +606,21 @@ def test_a_stopped_master_is_fenced_by_its_watchdog(hosts: list[Host], redis_ser
     assert stats["peak"] <= 1, f"{stats['peak']} broker connections at once with limit 1"
 
 
+#: a worker body for _master_with_worker: it takes a pooled connection, says it is ready,
+#: then keeps acquiring and using one (for up to 80 s)
+_KEEPS_USING_A_POOLED_CONNECTION = (
+    "    pool = mppools.connections[Connection('memory://')]\n"
+    "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
+    "    os.write(w, b'x')\n"
+    "    end = time.monotonic() + 80\n"
+    "    while time.monotonic() < end:\n"
+    "        try:\n"
+    "            c = pool.acquire(block=True, timeout=0.2)\n"
+    "        except mppools.LimitExceeded:\n"
+    "            continue\n"
+    "        c.connect(); c.release(); time.sleep(0.005)\n")
+
+
 @contextlib.contextmanager
 def _master_with_worker(redis_server: Any, budget_name: str, worker_body: str,
                         seconds: int = 60, then: str = "") -> Iterator[tuple[Any, list[int]]]:
@@ -679,16 +694,7 @@ def test_a_dead_masters_plug_is_held_by_its_watchdog(redis_server: Any,
     # hosts take them). The watchdog takes that slot itself: the worker's connection is
     # handed on to it, and the worker gets no slot any more; once nobody else on this host
     # has the budget open, the watchdog lets go and exits
-    body = ("    pool = mppools.connections[Connection('memory://')]\n"
-            "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
-            "    os.write(w, b'x')\n"
-            "    end = time.monotonic() + 80\n"
-            "    while time.monotonic() < end:\n"
-            "        try:\n"
-            "            c = pool.acquire(block=True, timeout=0.2)\n"
-            "        except mppools.LimitExceeded:\n"
-            "            continue\n"
-            "        c.connect(); c.release(); time.sleep(0.005)\n")
+    body = _KEEPS_USING_A_POOLED_CONNECTION
     with _master_with_worker(redis_server, budget_name, body, seconds=80) as (master, w):
         worker = w[0]
         local = posix.PosixLimiter.open(budget_name, create=False)
@@ -810,16 +816,7 @@ def test_a_master_that_closes_while_its_worker_lives_keeps_the_plug(
     # the leases had lapsed (none held on the server for this host). The master now keeps
     # the plug while it lives (and its watchdog stands in once it is gone): the worker's
     # connection is handed on and it gets no slot any more
-    body = ("    pool = mppools.connections[Connection('memory://')]\n"
-            "    c = pool.acquire(block=True, timeout=5); c.connect(); c.release()\n"
-            "    os.write(w, b'x')\n"
-            "    end = time.monotonic() + 80\n"
-            "    while time.monotonic() < end:\n"
-            "        try:\n"
-            "            c = pool.acquire(block=True, timeout=0.2)\n"
-            "        except mppools.LimitExceeded:\n"
-            "            continue\n"
-            "        c.connect(); c.release(); time.sleep(0.005)\n")
+    body = _KEEPS_USING_A_POOLED_CONNECTION
     then = "mppools.close()\nprint('closed', flush=True)\n"
     with _master_with_worker(redis_server, budget_name, body, seconds=80,
                              then=then) as (master, w):
