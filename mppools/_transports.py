@@ -9,6 +9,13 @@ connection, and a budget of L would let the broker see 2 x L clients. The redis 
 for pooled connections keeps a single client pool for both roles: a publishing connection is
 then one TCP connection (a consumer blocked in BRPOP while the same channel publishes would
 still need a second one, as with any redis client).
+
+The same channel hands redis-py one driver identity (``DriverInfo``) made once per process:
+without it, redis-py 7.1+ builds one for every new connection and reads the installed
+package's metadata to do so (``importlib.metadata.version("redis")``, about a third of the
+CPU a new connection costs). ``CLIENT SETINFO`` sends the same name and version either way;
+a channel whose options already name a driver (``driver_info``, ``lib_name`` or
+``lib_version``) keeps its own.
 """
 
 from __future__ import annotations
@@ -19,6 +26,25 @@ __all__ = ["transport_for"]
 
 _REDIS_ALIASES = ("redis", "rediss")
 _cache: dict[str, Any] = {}
+
+
+_DRIVER_KEYS = frozenset({"driver_info", "lib_name", "lib_version"})
+
+
+def _driver_info(connection_class: Any) -> Any | None:
+    """The process's one ``DriverInfo`` when ``connection_class`` takes one (else None)."""
+    try:
+        from redis.connection import AbstractConnection
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7.1: no DriverInfo, nothing to save
+        return None
+    if not (isinstance(connection_class, type)
+            and issubclass(connection_class, AbstractConnection)):
+        return None
+    info = _cache.get("driver_info")
+    if info is None:
+        info = _cache["driver_info"] = DriverInfo()
+    return info
 
 
 def _one_pool_redis_transport() -> Any:
@@ -35,6 +61,14 @@ def _one_pool_redis_transport() -> Any:
                 shared = super()._get_pool(asynchronous=True)
                 self.__dict__["_mppools_pool"] = shared
             return shared
+
+        def _connparams(self, asynchronous: bool = False) -> Any:
+            params = super()._connparams(asynchronous=asynchronous)
+            if not _DRIVER_KEYS.intersection(params):
+                info = _driver_info(params.get("connection_class"))
+                if info is not None:
+                    params["driver_info"] = info
+            return params
 
         def _disconnect_pools(self) -> None:
             super()._disconnect_pools()

@@ -129,6 +129,38 @@ def test_kombu_pools_breaks_the_parent_after_a_multiprocessing_fork(
 
 
 @pytest.mark.redis
+def test_a_new_pooled_redis_connection_does_not_read_package_metadata(
+        redis_server: Any, budget_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # under contention a slot changes hands by a new connection; redis-py (7.2+) builds a
+    # DriverInfo for each, reading the installed package's metadata: a third of the CPU a
+    # new connection costs. The pooled channel hands every connection the process's one.
+    pytest.importorskip("redis.driver_info")
+    import redis.utils
+
+    real = redis.utils.get_lib_version
+    calls = [0]
+
+    def counting() -> str:
+        calls[0] += 1
+        return str(real())
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", counting)
+    mppools.configure(limit=1, name=budget_name, acquire_timeout=10)
+    queue = f"q-{budget_name}"
+    for i in range(5):
+        _publish(redis_server.url, {"i": i}, queue=queue)
+        mppools.reset()  # the next publish is on a new connection
+    assert calls[0] <= 1  # at most once, for the process's one DriverInfo
+    with pools.connections[Connection(redis_server.url)].acquire(block=True, timeout=10) as c:
+        client = c.default_channel.client
+        client.ping()
+        info = client.connection_pool.connection_kwargs["driver_info"]
+        # CLIENT SETINFO still names redis-py and its version
+        assert (info.name, info.lib_version) == ("redis-py", real())
+    assert _count(redis_server.url, queue) == 5
+
+
+@pytest.mark.redis
 def test_redis_client_count_never_exceeds_the_limit(redis_server: Any, budget_name: str,
                                                     tmp_path: Any) -> None:
     # the judge runs in a process of its own: in this process, the sampler thread and the
