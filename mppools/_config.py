@@ -159,7 +159,7 @@ def configure(
     largest limit :func:`set_limit` may grow to (default ``max(1024, limit)``); ``mode`` the
     permission bits of the shared objects (owner-only by default). ``hold_quantum`` (seconds)
     caps how long a connection in active use keeps its slot while others wait before it is
-    handed on; within the cap each connection's quantum is 12 times what its set-up cost (at
+    handed on; within the cap each connection's quantum is 24 times what its set-up cost (at
     least 10 ms), so under contention the connections carry messages rather than handshakes;
     an idle connection is handed on at once whatever the quantum (0: hand on at every
     release). ``backend`` is where the

@@ -74,7 +74,7 @@ _groups: list[PoolGroup] = []
 
 
 #: a hold quantum is this many times what the connection's first use cost (its set-up) ...
-QUANTUM_PER_SETUP = 12.0
+QUANTUM_PER_SETUP = 24.0
 #: ... and at least this long (seconds), at most the budget's ``hold_quantum``
 QUANTUM_FLOOR = 0.01
 #: a quantum counted in uses still ends after this many times its length in time

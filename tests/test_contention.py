@@ -221,7 +221,7 @@ def test_a_turn_is_counted_in_uses_once_the_use_rate_is_known(
     monkeypatch.setattr(_keeper, "MAX_IDLE_GRACE", 3600.0)
     limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=5.0,
                                 idle_timeout=None)
-    limiter.note_handover_cost(1.0)  # fitted quantum: min(5 s, 12 x 1 s) = 5 s
+    limiter.note_handover_cost(1.0)  # fitted quantum: min(5 s, 24 x 1 s) = 5 s
     limiter.note_use_rate(rate)  # a quantum of 5 s x rate uses
     expected = round(rate * 5.0)
     pool = mppools.connections[Connection("memory://")]
