@@ -432,8 +432,13 @@ def test_demo_live_view_explains_and_shows_a_dash_before_samples(name: str) -> N
 def test_demo_cleans_up_on_ctrl_c(name: str) -> None:
     demo = f"{name}-int"
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    # Ctrl-C's default action, whatever this suite inherited: a non-interactive shell starts
+    # background commands with SIGINT ignored, and Python keeps an inherited SIG_IGN
+    ctrl_c = ("import runpy, signal, sys; "
+              "signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'mppools'; runpy.run_module('mppools', run_name='__main__')")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mppools", "demo", "--seconds", "30", "--workers", "3",
+        [sys.executable, "-c", ctrl_c, "demo", "--seconds", "30", "--workers", "3",
          "--limit", "2", "--name", demo],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
