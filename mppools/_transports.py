@@ -11,11 +11,11 @@ then one TCP connection (a consumer blocked in BRPOP while the same channel publ
 still need a second one, as with any redis client).
 
 The same channel hands redis-py one driver identity (``DriverInfo``) made once per process:
-without it, redis-py 7.1+ builds one for every new connection and reads the installed
-package's metadata to do so (``importlib.metadata.version("redis")``, about a third of the
-CPU a new connection costs). ``CLIENT SETINFO`` sends the same name and version either way;
-a channel whose options already name a driver (``driver_info``, ``lib_name`` or
-``lib_version``) keeps its own.
+without it, a redis-py that has ``DriverInfo`` (8.1 here) builds one for every new
+connection, reading the installed package's metadata to do so
+(``importlib.metadata.version("redis")``, about a third of the CPU a new connection costs).
+``CLIENT SETINFO`` sends the same name and version either way; a channel whose options
+already name a driver (``driver_info``, ``lib_name`` or ``lib_version``) keeps its own.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _driver_info(connection_class: Any) -> Any | None:
     try:
         from redis.connection import AbstractConnection
         from redis.driver_info import DriverInfo
-    except ImportError:  # redis-py before 7.1: no DriverInfo, nothing to save
+    except ImportError:  # an older redis-py: no DriverInfo, nothing to save
         return None
     if not (isinstance(connection_class, type)
             and issubclass(connection_class, AbstractConnection)):

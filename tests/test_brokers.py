@@ -131,7 +131,7 @@ def test_kombu_pools_breaks_the_parent_after_a_multiprocessing_fork(
 @pytest.mark.redis
 def test_a_new_pooled_redis_connection_does_not_read_package_metadata(
         redis_server: Any, budget_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # under contention a slot changes hands by a new connection; redis-py (7.2+) builds a
+    # under contention a slot changes hands by a new connection; redis-py (8.1 here) builds a
     # DriverInfo for each, reading the installed package's metadata: a third of the CPU a
     # new connection costs. The pooled channel hands every connection the process's one.
     pytest.importorskip("redis.driver_info")
@@ -158,6 +158,26 @@ def test_a_new_pooled_redis_connection_does_not_read_package_metadata(
         # CLIENT SETINFO still names redis-py and its version
         assert (info.name, info.lib_version) == ("redis-py", real())
     assert _count(redis_server.url, queue) == 5
+
+
+def test_a_channel_that_names_its_own_driver_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("redis.driver_info")
+    import redis
+    from kombu.transport import redis as kredis
+
+    from mppools._transports import _one_pool_redis_transport
+
+    theirs: dict[str, Any] = {"connection_class": redis.Connection, "lib_name": "app"}
+    monkeypatch.setattr(kredis.Channel, "_connparams",
+                        lambda self, asynchronous=False: dict(theirs))
+    channel_cls = _one_pool_redis_transport().Channel
+    channel = channel_cls.__new__(channel_cls)  # no broker: only the parameters are asked
+    assert "driver_info" not in channel._connparams()
+    del theirs["lib_name"]
+    first, second = channel._connparams(), channel._connparams(asynchronous=True)
+    assert first["driver_info"] is second["driver_info"]  # one per process
+    theirs["connection_class"] = object  # not a redis-py connection: nothing added
+    assert "driver_info" not in channel._connparams()
 
 
 @pytest.mark.redis
