@@ -229,6 +229,61 @@ def test_redis_client_count_never_exceeds_the_limit(redis_server: Any, budget_na
         assert _count(redis_server.url, queue) == 480
 
 
+@pytest.mark.parametrize(("broker", "quantum"), [
+    pytest.param("redis", None, marks=pytest.mark.redis),
+    pytest.param("redis", 0.0, marks=pytest.mark.redis),
+    pytest.param("amqp", None, marks=pytest.mark.rabbitmq),
+])
+def test_under_contention_connections_carry_messages_not_handshakes(
+        request: pytest.FixtureRequest, budget_name: str, broker: str,
+        quantum: float | None) -> None:
+    """8 workers in tight publish loops on 2 slots: with the default hold quantum each
+    connection carries many messages (counted at the proxy); with hold_quantum=0 (hand on
+    at every release) nearly every message pays a new connection, which is what this test
+    tells apart. The cap holds either way."""
+    from support.proxy_process import ProxyProcess
+
+    server = request.getfixturevalue("redis_server" if broker == "redis" else "rabbitmq_server")
+
+    # enough messages for several turns each (a turn is at most 0.2 s by default)
+    limit, workers, each = 2, 8, (600 if quantum is None else 100)
+    kw = {} if quantum is None else {"hold_quantum": quantum}
+    mppools.configure(limit=limit, name=budget_name, acquire_timeout=60, idle_timeout=None,
+                      **kw)
+    queue = f"q-{budget_name}"
+    if broker == "amqp":  # declared first: RabbitMQ drops what no queue takes
+        assert _count(server.url, queue) == 0
+    with ProxyProcess(("127.0.0.1", server.port)) as proxy:
+        url = proxy.url_for(server.url)
+
+        def publish_many(n: int) -> int:
+            conn = Connection(url)
+            for i in range(n):
+                with pools.producers[conn].acquire(block=True, timeout=60) as p:
+                    p.publish({"i": i}, routing_key=queue, retry=False)
+            return n
+
+        pool = [Worker({"publish": publish_many}) for _ in range(workers)]
+        try:
+            for w in pool:
+                w.send("publish", each)
+            sent = sum(w.answer(timeout=100) for w in pool)
+        finally:
+            for w in pool:
+                w.stop()
+        stats = proxy.ask("stats")
+    assert sent == workers * each
+    assert stats["peak"] <= limit, proxy.history
+    per_connection = sent / max(1, stats["total_accepted"])
+    print(f"hold_quantum {quantum}: {per_connection:.1f} messages per connection, "
+          f"{stats['total_accepted']} connections for {sent} messages")
+    if quantum is None:
+        assert per_connection >= 10, stats  # a pool: turns of many messages
+    else:
+        assert per_connection < 3, stats  # the other policy really is measured apart
+    assert _count(server.url, queue) == sent
+
+
 @pytest.mark.redis
 def test_a_cut_redis_connection_is_gone_at_the_broker_and_does_not_reconnect(
         redis_server: Any, budget_name: str) -> None:
