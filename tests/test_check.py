@@ -175,9 +175,15 @@ def test_check_changes_nothing_and_creates_no_budget(
 def test_strict_and_usage_errors(budget_name: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", budget_name, "--strict"]) == 1  # the no-limit warnings
     capsys.readouterr()
-    assert main(["check", budget_name, "--broker", "sqs://x"]) == 2
+    assert main(["check", budget_name, "--broker", "sqs://user:secret@x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not supported" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "does not support the scheme sqs://" in err
+    assert "secret" not in err and "Traceback" not in err
+    assert main(["check", budget_name, "--broker", "//x"]) == 2
+    assert "the url has no scheme" in capsys.readouterr().err
+    assert main(["check", budget_name, "--broker", "redis://u:secret@h:notaport/0"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid --broker url" in err and "secret" not in err
     assert main(["check", "bad/name"]) == 2
     assert "invalid budget name" in capsys.readouterr().err
 

@@ -74,14 +74,16 @@ def parse_broker(url: str) -> tuple[str, str, int]:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise CLIError(f"invalid --broker url {url!r}: {exc}") from None
+        raise CLIError(f"invalid --broker url: {exc}") from None  # not repeated: a password
     scheme = parts.scheme.lower()
     if scheme in _REDIS_SCHEMES:
         return "redis", parts.hostname or "localhost", port or _REDIS_SCHEMES[scheme]
     if scheme in _AMQP_SCHEMES:
         return "rabbitmq", parts.hostname or "localhost", port or _AMQP_SCHEMES[scheme]
-    raise CLIError(f"--broker {scheme or url!r}:// is not supported by check: give a "
-                   "redis://, rediss://, amqp:// or amqps:// url")
+    # the url itself is not repeated: it may carry a password
+    what = (f"check does not support the scheme {scheme}://" if scheme
+            else "the url has no scheme")
+    raise CLIError(f"--broker: {what}; give a redis://, rediss://, amqp:// or amqps:// url")
 
 
 def endpoints_of(host: str, port: int) -> set[tuple[str, int]]:
