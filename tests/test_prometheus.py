@@ -213,6 +213,30 @@ def test_describe_reads_nothing_and_covers_collect(budget_name: str) -> None:
     assert _value(registry, "mppools_slots_limit", budget=budget_name) == 2
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"names": "web"}, r"names must be a list of budget names, not a str \('web'\): use "
+                       r"names=\['web'\]"),
+    ({"names": b"web"}, "not a bytes"),
+    ({"names": 3}, "names must be a list of budget names or None, not int"),
+    ({"names": ["ok", "bad/name"]}, "invalid budget name 'bad/name'"),
+    ({"names": [""]}, "invalid budget name ''"),
+    ({"names": [None]}, "budget name must be a str, not NoneType"),
+    ({"per_holder": "yes"}, "per_holder must be True or False, not 'yes'"),
+    ({"registry": "default"}, "registry must be a prometheus_client CollectorRegistry or "
+                              "None, not str"),
+])
+def test_bad_arguments_are_refused_and_register_nothing(kwargs: dict[str, Any],
+                                                        message: str) -> None:
+    registry = CollectorRegistry()
+    before = generate_latest(registry)
+    registry_arg = kwargs.pop("registry", registry)
+    with pytest.raises(mppools.ConfigurationError, match=message):
+        register(registry_arg, **kwargs)
+    with pytest.raises(ValueError):  # what callers of a prometheus helper already catch
+        MppoolsCollector(**kwargs) if kwargs else register(registry_arg)
+    assert generate_latest(registry) == before
+
+
 def _snapshot(**changes: Any) -> BudgetStats:
     now = time.time()
     base = BudgetStats(

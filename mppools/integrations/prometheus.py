@@ -61,9 +61,10 @@ except ImportError as exc:  # the rest of mppools works without it
     ) from exc
 
 from mppools import _config
-from mppools._errors import BudgetNotFoundError, MppoolsError
+from mppools._errors import BudgetNotFoundError, ConfigurationError, MppoolsError
 from mppools._limiter._base import BudgetStats, Limiter
 from mppools._limiter.posix import PosixLimiter, exists
+from mppools._limiter.posix._names import validate_name
 from mppools.cli._common import inspect_budget, list_budget_names
 from mppools.cli._prometheus import Family, budget_families, metric_names
 
@@ -117,10 +118,30 @@ class MppoolsCollector:
     :meth:`describe` lists every metric name without reading anything, so that registering
     never touches a budget and a second registration of the same names is refused by the
     registry.
+
+    Raises:
+        ConfigurationError: ``names`` is not a list of valid budget names (a bare str is
+            refused: iterating it would name one-letter budgets), or ``per_holder`` is not
+            a bool. Nothing is registered or read.
     """
 
     def __init__(self, names: Iterable[str] | None = None, *, per_holder: bool = False) -> None:
-        self.names: tuple[str, ...] | None = None if names is None else tuple(names)
+        if isinstance(names, str | bytes):  # iterating it would ask for one-letter budgets
+            raise ConfigurationError(
+                f"names must be a list of budget names, not a {type(names).__name__} "
+                f"({names!r}): use names=[{names!r}]")
+        if not isinstance(per_holder, bool):
+            raise ConfigurationError(f"per_holder must be True or False, not {per_holder!r}")
+        if names is None:
+            self.names: tuple[str, ...] | None = None
+        else:
+            try:
+                given = tuple(names)
+            except TypeError:
+                raise ConfigurationError(
+                    f"names must be a list of budget names or None, not "
+                    f"{type(names).__name__}") from None
+            self.names = tuple(validate_name(name) for name in given)
         self.per_holder = per_holder
 
     def describe(self) -> list[Metric]:
@@ -196,9 +217,15 @@ def register(
     ``registry`` (default: prometheus_client's default registry) and return it.
 
     Raises:
+        ConfigurationError: ``registry`` is not a registry (it has no ``register``), or
+            ``names`` / ``per_holder`` as in :class:`MppoolsCollector`.
         ValueError: the registry already has a collector of these metric names
             (prometheus_client's ``DuplicateTimeseries``).
     """
+    if registry is not None and not callable(getattr(registry, "register", None)):
+        raise ConfigurationError(
+            f"registry must be a prometheus_client CollectorRegistry or None, not "
+            f"{type(registry).__name__}")
     collector = MppoolsCollector(names, per_holder=per_holder)
     (REGISTRY if registry is None else registry).register(collector)
     return collector
