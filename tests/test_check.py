@@ -184,6 +184,22 @@ def test_strict_and_usage_errors(budget_name: str, capsys: pytest.CaptureFixture
     assert main(["check", budget_name, "--broker", "redis://u:secret@h:notaport/0"]) == 2
     err = capsys.readouterr().err
     assert "invalid --broker url" in err and "secret" not in err
+    # --management: RabbitMQ's api only, http(s) only (urllib would follow ftp:// or
+    # file://), never repeated (a password); refused before anything is read
+    for args, expected in [
+        (["--management", "http://mq:15672"], "it needs --broker amqp://"),
+        (["--broker", "redis://127.0.0.1:1", "--management", "http://mq:15672"],
+         "it needs --broker amqp://"),
+        (["--broker", "amqp://127.0.0.1:1", "--management", "file:///etc/passwd"],
+         "needs an http:// or https:// url with a host"),
+        (["--broker", "amqp://127.0.0.1:1", "--management", "ftp://u:secret@mq"],
+         "needs an http:// or https:// url with a host"),
+        (["--broker", "amqp://127.0.0.1:1", "--management", "http://u:secret@mq:bad"],
+         "invalid --management url"),
+    ]:
+        assert main(["check", budget_name, "--limit", "2", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err and "secret" not in err and "Traceback" not in err, (args, err)
     assert main(["check", "bad/name"]) == 2
     assert "invalid budget name" in capsys.readouterr().err
 

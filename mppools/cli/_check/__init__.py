@@ -33,7 +33,13 @@ from mppools._limiter.posix._wait import MAX_WATCHED
 from mppools._liveness import identity_of
 from mppools.cli._common import EXIT_FAILURE, EXIT_OK
 
-from ._brokers import BrokerView, endpoints_of, parse_broker, query_broker
+from ._brokers import (
+    BrokerView,
+    check_management,
+    endpoints_of,
+    parse_broker,
+    query_broker,
+)
 from ._budget import BudgetLook, User, look_at
 from ._proc import (
     fd_soft_limit,
@@ -474,6 +480,7 @@ def check_unmanaged(look: BudgetLook, view: BrokerView, broker: str) -> Check:
 def run_checks(options: CheckOptions) -> list[Check]:
     """Every check of ``options``, in order (read-only)."""
     name = validate_name(options.name)
+    check_management(options.management, options.broker)  # before anything is read
     look = look_at(name, options.limit)
     view: BrokerView | None = None
     if options.broker is not None:
@@ -525,7 +532,8 @@ def run_check(options: CheckOptions, *, as_json: bool = False,
         The exit status: 1 if a check failed (with ``options.strict``, also warned), else 0.
 
     Raises:
-        CLIError: an unsupported broker URL, or redis-py missing for a redis broker.
+        CLIError: an unsupported broker URL, an unusable --management URL, or redis-py
+            missing for a redis broker.
         ConfigurationError: an invalid budget name.
     """
     out = sys.stdout if out is None else out

@@ -22,6 +22,7 @@ from mppools.cli._common import CLIError
 __all__ = [
     "BrokerCap",
     "BrokerView",
+    "check_management",
     "endpoints_of",
     "management_url_for",
     "parse_broker",
@@ -95,9 +96,38 @@ def endpoints_of(host: str, port: int) -> set[tuple[str, int]]:
     return {(str(info[4][0]), port) for info in infos}
 
 
+def check_management(management: str | None, broker: str | None) -> None:
+    """Refuse a ``--management`` url that check cannot use: one without ``--broker`` for a
+    RabbitMQ, or one that is not an http(s) url with a valid port (urllib would otherwise
+    follow ftp:// or file:// urls). The url is never repeated: it may carry a password.
+
+    Raises:
+        CLIError: as above.
+    """
+    if management is None:
+        return
+    if broker is None or parse_broker(broker)[0] != "rabbitmq":
+        raise CLIError("--management is RabbitMQ's management api: it needs --broker "
+                       "amqp://... or amqps://...")
+    try:
+        parts = urllib.parse.urlsplit(management)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise CLIError(f"invalid --management url: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise CLIError("--management needs an http:// or https:// url with a host, such as "
+                       "http://mq.internal:15672")
+
+
 def query_broker(url: str, *, management: str | None = None,
                  timeout: float = 5.0) -> BrokerView:
-    """Ask the broker at ``url`` for its caps and clients."""
+    """Ask the broker at ``url`` for its caps and clients.
+
+    Raises:
+        CLIError: an unsupported broker url, or an unusable ``management`` url
+            (:func:`check_management`).
+    """
+    check_management(management, url)
     kind, host, port = parse_broker(url)
     if kind == "redis":
         return _query_redis(url, host, port, timeout)
