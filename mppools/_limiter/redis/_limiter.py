@@ -883,11 +883,7 @@ class RedisLimiter(Limiter):
                     self._board.close()  # -1: the watchdog exits
                     self._board = None
                 watchdog, self._watchdog = self._watchdog, None
-                if watchdog is not None:
-                    with contextlib.suppress(OSError):
-                        watchdog.terminate()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        watchdog.wait(2)
+                _stop_watchdog(watchdog)
         if master and self._wake is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._wake_path())  # one master per budget and host: ours
@@ -949,12 +945,19 @@ def _let_go_retained(name: str) -> None:
         kept.local.release(kept.plug)
     if kept.board is not None:
         kept.board.close()
-    if kept.watchdog is not None:
-        with contextlib.suppress(OSError):
-            kept.watchdog.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            kept.watchdog.wait(2)
+    _stop_watchdog(kept.watchdog)
     kept.local.close()
+
+
+def _stop_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
+    """Stop a lease watchdog this process started (a master's close, or a retained one
+    let go), waiting up to 2 s for it."""
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        watchdog.wait(2)
 
 
 def _drop_retained() -> None:
