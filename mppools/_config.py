@@ -64,6 +64,7 @@ class _Settings:
     hold_quantum: float = 0.0
     backend: str = DEFAULT_BACKEND
     generated: bool = False  # the name was made up by configure()
+    lend: bool = True
 
 
 _lock = _green.Lock()
@@ -75,6 +76,12 @@ _creator_pid: int | None = None
 def current() -> Limiter | None:
     """The budget this process uses, or None when unconfigured (kombu.pools behaviour)."""
     return _limiter
+
+
+def lending() -> bool:
+    """True if this process's producer pools borrow (and its pools lend) idle connections."""
+    settings = _settings
+    return _limiter is not None and (settings is None or settings.lend)
 
 
 def backend_for(spec: object) -> Backend:
@@ -140,6 +147,7 @@ def configure(
     mode: int = 0o600,
     hold_quantum: float = DEFAULT_HOLD_QUANTUM,
     backend: str = DEFAULT_BACKEND,
+    lend: bool = True,
 ) -> Limiter:
     """Give this process, and every process it forks from now on, one budget of ``limit``.
 
@@ -165,6 +173,9 @@ def configure(
     release). ``backend`` is where the
     budget lives (``backend_for``): ``"posix"`` shares it between the processes of this
     host, ``"memory"`` keeps it in this process (tests, single-process programs).
+    ``lend`` (default True) lets a producer pool that finds no free slot publish through
+    another process's idle connection to the same broker (Redis and py-amqp transports; see
+    docs/concepts.md, "Lending") instead of waiting for a slot; False: always wait.
 
     Raises:
         ConfigurationError: an invalid argument (nothing is created), or a budget of that name
@@ -195,9 +206,11 @@ def configure(
             f"hold_quantum must be a number of seconds from 0 to {MAX_HOLD_QUANTUM:g}, "
             f"not {hold_quantum!r}"
         )
+    if not isinstance(lend, bool):
+        raise ConfigurationError(f"lend must be True or False, not {lend!r}")
     _check_platform(chosen)
     wanted = _Settings(name, limit, acquire_timeout, idle_timeout, capacity, mode, quantum,
-                       backend)
+                       backend, lend=lend)
     with _lock:
         if _settings is not None and _limiter is not None:
             if _settings == wanted or (name is None and _settings.generated and
@@ -300,6 +313,9 @@ def close(*, unlink: bool | None = None) -> None:
     from mppools._keeper import keeper
 
     keeper().stop()
+    from mppools._lending import lender
+
+    lender().stop()
     try:
         if unlink is True:
             limiter.unlink(force=False)

@@ -17,6 +17,7 @@ __all__ = [
     "IncompatibleSegmentError",
     "LeaseLostError",
     "LimitExceeded",
+    "LoanLostError",
     "MppoolsError",
     "NotConfiguredError",
     "PermissionDeniedError",
@@ -150,3 +151,11 @@ class LeaseLostError(MppoolsError, RuntimeError):
 
 def _rebuild_lease_lost(message: str, lost: int, held: int, reason: str) -> LeaseLostError:
     return LeaseLostError(message, lost=lost, held=held, reason=reason)
+
+
+class LoanLostError(MppoolsError, ConnectionError):
+    """A connection borrowed from another process of the budget (lending, see
+    ``docs/concepts.md``) is gone: its lender exited, closed it, or its broker connection
+    broke. Borrowed connections list it among their transport's recoverable connection
+    errors, so kombu's ``ensure`` / ``publish(retry=True)`` borrows again (or fails as it
+    would on a lost broker connection)."""

@@ -29,7 +29,7 @@ import errno
 import socket
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain
 from queue import Empty, LifoQueue
 from typing import Any
@@ -41,7 +41,7 @@ from kombu.resource import Resource
 from kombu.utils.collections import EqualityDict
 from kombu.utils.functional import lazy
 
-from mppools import _config, _fork
+from mppools import _config, _fork, _lending
 from mppools._errors import ConfigurationError
 from mppools._keeper import keeper
 from mppools._limiter._base import PRESSURE_DEBT, STATE_BUSY, STATE_IDLE, Limiter, Slot
@@ -125,14 +125,16 @@ class LimitedConnection(PooledConnection):
     _mppools_severed: bool = False
 
     # slot life cycle ----------------------------------------------------------------------
-    def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None) -> None:
-        """Hold a slot (no-op when unconfigured or already held)."""
+    def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
+                           on_wait: Callable[[], None] | None = None) -> None:
+        """Hold a slot (no-op when unconfigured or already held); ``on_wait`` as for
+        :meth:`Limiter.acquire <mppools._limiter._base.Limiter.acquire>`."""
         if self._mppools_slot is not None:
             return
         limiter = _config.current()
         if limiter is None:
             return
-        slot = limiter.acquire(block=block, timeout=timeout)
+        slot = limiter.acquire(block=block, timeout=timeout, on_wait=on_wait)
         self._mppools_slot, self._mppools_limiter = slot, limiter
         # the hold quantum runs from here: under contention the slot is handed on at the
         # first release after it (see docs/concepts.md, "Contention"); its length is set at
@@ -152,6 +154,8 @@ class LimitedConnection(PooledConnection):
         # closes its socket when collected: its slot goes back then too
         self._mppools_finalizer = weakref.finalize(self, limiter.release, slot)
         keeper().track(slot.token, self, limiter.keeper_address())
+        if _config.lending() and _lending.lendable(self._pool):
+            _lending.lender().listen(limiter.lend_address())
 
     def _fitted_quantum(self, limiter: Limiter) -> float:
         """QUANTUM_PER_SETUP times what a hand-over costs in this budget (at least
@@ -351,8 +355,13 @@ class LimitedConnectionPool(ConnectionPool):
             info["transport"] = transport
         return LimitedConnection(self, **info)
 
-    def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
+    def acquire(self, block: bool = False, timeout: float | None = None, *,
+                lend: bool = False) -> Any:
         """Take a connection from the local pool, then a slot of the budget if it has none.
+
+        With ``lend`` (producer pools), a wait for a slot may end with a
+        :class:`~mppools._lending.Borrowed` carrying a connection borrowed from another
+        process (see :mod:`mppools._lending`).
 
         A pooled connection is reused with the slot it holds, unless the budget is over its
         limit (after ``set_limit(n, force=True)``): then it is closed, which pays the debt,
@@ -382,7 +391,15 @@ class LimitedConnectionPool(ConnectionPool):
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 conn._mppools_view, conn._mppools_at = None, -1
                 return conn
-        return self._acquire_cold(conn, block, timeout, deadline)
+        return self._acquire_cold(conn, block, timeout, deadline, lend)
+
+    def _borrower(self) -> Callable[[], None] | None:
+        """The slot wait's hook that borrows a connection of this pool's broker, if lending
+        is on and this pool's transport lends."""
+        limiter = _config.current()
+        if limiter is None or not _config.lending() or not _lending.lendable(self):
+            return None
+        return _lending.Borrower(self, limiter)
 
     @staticmethod
     def _reuse(conn: LimitedConnection) -> bool | None:
@@ -409,7 +426,7 @@ class LimitedConnectionPool(ConnectionPool):
         return True
 
     def _acquire_cold(self, conn: LimitedConnection, block: bool, timeout: float | None,
-                      deadline: float | None) -> Any:
+                      deadline: float | None, lend: bool = False) -> Any:
         """The rest of :meth:`acquire`: pay a debt, take a slot for a connection without."""
         while True:
             reuse = self._reuse(conn)
@@ -426,11 +443,13 @@ class LimitedConnectionPool(ConnectionPool):
             conn = _resource_acquire(self, block, timeout)
         if _config.current() is None:
             return conn
+        on_wait = self._borrower() if lend and block else None
         try:
             if deadline is None and block:
-                conn._mppools_take_slot(block=True, timeout=None)
+                conn._mppools_take_slot(block=True, timeout=None, on_wait=on_wait)
             else:
-                conn._mppools_take_slot(block=block, timeout=_remaining(deadline) or 0.0)
+                conn._mppools_take_slot(block=block, timeout=_remaining(deadline) or 0.0,
+                                        on_wait=on_wait)
         except BaseException:
             self.release(conn)
             raise
@@ -612,9 +631,16 @@ class ProducerPool(_kombu_pools.ProducerPool):
             raise
 
     def _acquire_connection(self, deadline: float | None = None) -> Any:
-        if deadline is None:
-            return self.connections.acquire(block=True)
-        return self.connections.acquire(block=True, timeout=_remaining(deadline))
+        pool = self.connections
+        timeout = None if deadline is None else _remaining(deadline)
+        if not isinstance(pool, LimitedConnectionPool):
+            return pool.acquire(block=True, timeout=timeout)
+        try:
+            return pool.acquire(block=True, timeout=timeout, lend=True)
+        except _lending.Borrowed as borrowed:
+            # no free slot, and another process had an idle connection to the same broker:
+            # publish through it (released with the producer, which ends the loan)
+            return borrowed.connection
 
     def release(self, resource: Any) -> None:
         """Give a producer back; its connection goes back to its pool.

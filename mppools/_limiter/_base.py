@@ -171,11 +171,15 @@ class Limiter(abc.ABC):
         _fork.register(self, priority=0)
 
     @abc.abstractmethod
-    def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
+    def acquire(self, *, block: bool = True, timeout: float | None = None,
+                on_wait: Callable[[], None] | None = None) -> Slot:
         """Take one slot.
 
         ``timeout=None`` waits for the budget's configured ``acquire_timeout``. Waiters are
         served in the order they came (FIFO); a slot given back goes to the oldest waiter.
+        ``on_wait`` is called each time the wait wakes without a slot, the first time before
+        it sleeps (a backend may never call it); an exception it raises ends the wait (what
+        was granted meanwhile is given back) and propagates: lending leaves a wait so.
 
         Raises:
             LimitExceeded: no slot in time (at once if ``block`` is false).
@@ -306,6 +310,16 @@ class Limiter(abc.ABC):
         """Where this process receives idle-yield requests, or None if the backend has none
         (the keeper then only closes connections idle for longer than ``idle_timeout``)."""
         return None
+
+    def lend_address(self) -> str | None:
+        """Where this process lends its idle connections (:mod:`mppools._lending`), or None
+        if the backend has no processes to lend to."""
+        return None
+
+    def lenders(self) -> list[str]:
+        """The lend addresses of the other processes whose slots sit idle now, longest idle
+        first (empty if the backend has none)."""
+        return []
 
     def is_creator(self) -> bool:
         """True if this process created (or adopted) the budget and so removes it at exit."""

@@ -20,6 +20,7 @@ import heapq
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 
 from mppools import _fork, _green
 from mppools._errors import (
@@ -248,7 +249,8 @@ class MemoryLimiter(Limiter):
         )
 
     # public API ------------------------------------------------------------------------------
-    def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
+    def acquire(self, *, block: bool = True, timeout: float | None = None,
+                on_wait: Callable[[], None] | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         if timeout is None:
             timeout = self._acquire_timeout

@@ -29,6 +29,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mppools import _fork, _green
@@ -78,7 +79,7 @@ from mppools._validate import check_limit, check_wait_timeout
 from . import _self, _tokens, _wait
 from ._books import Books
 from ._mutex import Mutex
-from ._names import keeper_path, shm_path, tokens_path, validate_name
+from ._names import keeper_path, lend_path, shm_path, tokens_path, validate_name
 from ._segment import (
     ensure_dir,
     open_semaphore,
@@ -460,7 +461,8 @@ class PosixLimiter(Limiter):
             self._table.bump(YIELDS_AT)
 
     # public API ------------------------------------------------------------------------------
-    def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
+    def acquire(self, *, block: bool = True, timeout: float | None = None,
+                on_wait: Callable[[], None] | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         if timeout is None:
             timeout = self.acquire_timeout
@@ -480,9 +482,10 @@ class PosixLimiter(Limiter):
         if not block:
             raise self._exceeded(started, block=False)
         deadline = None if timeout is None else started + timeout
-        return self._wait(me, started, deadline)
+        return self._wait(me, started, deadline, on_wait)
 
-    def _wait(self, me: Me, started: float, deadline: float | None) -> Slot:
+    def _wait(self, me: Me, started: float, deadline: float | None,
+              on_wait: Callable[[], None] | None = None) -> Slot:
         books = self._books
         nonce, sock = _wait.bind_waiter(self.name)
         windex = -1
@@ -512,6 +515,9 @@ class PosixLimiter(Limiter):
                     holders = self._table.used_slots()
                     waiting = self._table.waiting()
                 _wait.notify(wakes)
+                if on_wait is not None and any(
+                        r.state == SlotState.IDLE and r.owner != me.owner for r in holders):
+                    on_wait()  # may leave the wait by raising (a loan came through)
                 self._request_yields(holders, max(waiting, 1))
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -737,6 +743,17 @@ class PosixLimiter(Limiter):
 
     def keeper_address(self) -> str:
         return keeper_path(self.name, _self.me().owner)
+
+    def lend_address(self) -> str:
+        return lend_path(self.name, _self.me().owner)
+
+    def lenders(self) -> list[str]:
+        owner = _self.me().owner
+        with self._locked():
+            idle = [r for r in self._table.used_slots()
+                    if r.state == SlotState.IDLE and r.owner != owner]
+        idle.sort(key=lambda r: r.since)
+        return list(dict.fromkeys(lend_path(self.name, r.owner) for r in idle))
 
     def damage(self) -> list[str]:
         """What is wrong with the shared tables, in words (empty: nothing); read-only."""

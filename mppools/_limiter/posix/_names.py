@@ -26,6 +26,7 @@ __all__ = [
     "default_name",
     "exists",
     "keeper_path",
+    "lend_path",
     "list_budgets",
     "rendezvous_dir",
     "sem_name",
@@ -93,6 +94,11 @@ def waiter_path(name: str, nonce: int) -> str:
 def keeper_path(name: str, owner: int) -> str:
     """Where the keeper of the process image ``owner`` receives idle-yield requests."""
     return f"{rendezvous_dir(name)}/k-{owner:016x}"
+
+
+def lend_path(name: str, owner: int) -> str:
+    """Where the process image ``owner`` lends its idle connections (a stream socket)."""
+    return f"{rendezvous_dir(name)}/l-{owner:016x}"
 
 
 def exists(name: str) -> bool:

@@ -76,6 +76,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from mppools import _fork
@@ -624,18 +625,19 @@ class RedisLimiter(Limiter):
                 out.append((pid, mine))
         return tuple(out)
 
-    def acquire(self, *, block: bool = True, timeout: float | None = None) -> Slot:
+    def acquire(self, *, block: bool = True, timeout: float | None = None,
+                on_wait: Callable[[], None] | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         try:
             if not block or timeout == 0 or self._local.waiting_flag():
                 # others wait already: the lease keeper is looking every POLL
-                slot = self._local.acquire(block=block, timeout=timeout)
+                slot = self._local.acquire(block=block, timeout=timeout, on_wait=on_wait)
             else:
                 try:
                     slot = self._local.acquire(block=False)
                 except LimitExceeded:
                     self._poke()  # no free local slot: the lease keeper may borrow one
-                    slot = self._local.acquire(block=True, timeout=timeout)
+                    slot = self._local.acquire(block=True, timeout=timeout, on_wait=on_wait)
         except LimitExceeded as exc:
             raise self._exceeded(exc, block=block) from None
         if self._plug_pid and not self._is_master() and not _alive(self._plug_pid):
@@ -837,6 +839,12 @@ class RedisLimiter(Limiter):
 
     def keeper_address(self) -> str | bytes | None:
         return self._local.keeper_address()
+
+    def lend_address(self) -> str | None:
+        return self._local.lend_address()
+
+    def lenders(self) -> list[str]:
+        return self._local.lenders()
 
     def is_creator(self) -> bool:
         return self._local.is_creator()

@@ -1,0 +1,301 @@
+"""The lender's side: a stream socket that lends this process's idle connections.
+
+Started beside the keeper the first time this process takes a slot for a connection of a
+lendable transport (Redis, py-amqp), only in a process that may run threads of its own (not
+gevent/eventlet-patched: its sockets belong to the hub; not a thread-free uWSGI master).
+Each accepted peer of our uid gets one thread for one loan:
+
+1. it asks ``("borrow", key)``; the lender looks for a connection it holds, of a pool whose
+   connection parameters digest to ``key``, sitting idle in that pool, and takes it out
+   (the keeper's ``_mppools_take_if_idle``: under the pool's queue mutex, a lazy placeholder
+   keeps the pool's size), marks its slot busy and answers ``("lent", pid)``; or ``("no",)``;
+2. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
+   EOF (a borrower that dies ends its loan);
+3. it puts the connection back where a placeholder stands (marked idle; if someone waits,
+   the keeper looks at it as at any idle one), or closes it if the pool has no room or the
+   connection broke (which gives its slot back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from kombu.utils.functional import lazy
+
+from mppools import _fork, _green
+
+from . import _wire
+from ._borrow import FORWARDED, LENDABLE_DRIVERS
+
+if TYPE_CHECKING:
+    from mppools.pools import LimitedConnection
+
+__all__ = ["Lender", "lendable", "lender", "pool_key"]
+
+logger = logging.getLogger("mppools")
+
+#: a borrower that neither calls nor ends its loan for this long loses it (seconds)
+LOAN_IDLE_TIMEOUT = 300.0
+
+
+def pool_key(pool: Any) -> str:
+    """The digest of a pool's connection parameters: a loan is only ever of a connection to
+    the same broker, vhost, credentials and options (cached on the pool)."""
+    key: str | None = getattr(pool, "_mppools_key", None)
+    if key is None:
+        info = pool.connection._info(resolve=False)
+        blob = json.dumps(sorted(info), sort_keys=True, default=repr)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:32]
+        pool._mppools_key = key
+    return key
+
+
+def lendable(pool: Any) -> bool:
+    """True if connections of this pool's transport can be lent."""
+    try:
+        real = pool.connection.get_transport_cls()
+    except Exception:
+        return False
+    return getattr(real, "driver_type", None) in LENDABLE_DRIVERS
+
+
+class Lender:
+    """This process's lending socket and its loans."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._address: str | None = None
+        self._loans: set[socket.socket] = set()
+        self._out: set[LimitedConnection] = set()
+        self.lent = 0
+
+    # the socket ------------------------------------------------------------------------------
+    def listen(self, address: str | None) -> None:
+        """Lend at ``address`` from now on (no-op if already, or not allowed here)."""
+        if address is None or self._address == address:
+            return
+        if _green.is_patched() or _fork.threadless():
+            return
+        with self._lock:
+            if self._address == address:
+                return
+            self._stop_locked()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address)  # our own path: a leftover of this process image
+                sock.bind(address)
+                sock.listen(64)
+            except OSError:
+                logger.warning("mppools: could not lend at %s", address, exc_info=True)
+                sock.close()
+                return
+            self._sock, self._address = sock, address
+            threading.Thread(target=self._run, args=(sock,), name="mppools-lender",
+                             daemon=True).start()
+
+    def _stop_locked(self) -> None:
+        sock, self._sock = self._sock, None
+        address, self._address = self._address, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); the thread closes it
+        if address is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(address)
+
+    def stop(self) -> None:
+        """Stop lending (``mppools.close()``); loans out end when their borrowers end them."""
+        with self._lock:
+            self._stop_locked()
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            while self._sock is sock:
+                try:
+                    peer, _ = sock.accept()
+                except OSError:
+                    return
+                if not _wire.peer_trusted(peer):
+                    peer.close()
+                    continue
+                threading.Thread(target=self._serve, args=(peer,), name="mppools-loan",
+                                 daemon=True).start()
+        finally:
+            sock.close()
+
+    # one loan ----------------------------------------------------------------------------------
+    def _serve(self, peer: socket.socket) -> None:
+        with self._lock:
+            self._loans.add(peer)
+        conn: LimitedConnection | None = None
+        try:
+            peer.settimeout(1.0)
+            request = _wire.recv(peer)
+            if isinstance(request, tuple) and len(request) == 2 and request[0] == "borrow":
+                conn = self._take(str(request[1]))
+            if conn is None:
+                _wire.send(peer, ("no",))
+                return
+            try:
+                _wire.send(peer, ("lent", os.getpid()))
+            except OSError:
+                self._give_back(conn, broken=False)
+                conn = None
+                return
+            self.lent += 1
+            peer.settimeout(LOAN_IDLE_TIMEOUT)
+            broken = self._carry(peer, conn)
+            self._give_back(conn, broken=bool(broken))
+            conn = None
+            if broken is None:
+                _wire.send(peer, ("ended",))
+        except OSError:
+            if conn is not None:  # the borrower went away mid-call
+                self._give_back(conn, broken=False)
+        finally:
+            with self._lock:
+                self._loans.discard(peer)
+            peer.close()
+
+    def _take(self, key: str) -> LimitedConnection | None:
+        from mppools import _config
+        from mppools._keeper import keeper
+
+        limiter = _config.current()
+        if limiter is None or limiter.in_debt():
+            return None
+        for conn in keeper().held():
+            slot = conn._mppools_slot
+            if (slot is None or conn._mppools_severed or conn._connection is None
+                    or pool_key(conn._pool) != key):
+                continue
+            if conn._mppools_take_if_idle():
+                conn._mppools_idle_since = None
+                with contextlib.suppress(Exception):
+                    limiter.mark_busy(slot)
+                with self._lock:
+                    self._out.add(conn)
+                return conn
+        return None
+
+    @staticmethod
+    def _carry(peer: socket.socket, conn: LimitedConnection) -> bool | None:
+        """Run the borrower's calls until it ends the loan: None if it ended it (and waits
+        for the give-back to be answered), False on anything else, True if the connection
+        broke."""
+        errors = tuple(conn.connection_errors)
+        while True:
+            request = _wire.recv(peer)
+            if not isinstance(request, tuple) or not request:
+                return False
+            if request[0] == "end":
+                return None
+            try:
+                channel: Any = conn.default_channel
+                if request[0] == "publish":
+                    prepared, kwargs = request[1], request[2]
+                    message = channel.prepare_message(*prepared)
+                    result = channel.basic_publish(message, **kwargs)
+                    reply: tuple[str, Any] = ("ret", _plain(result))
+                elif request[0] == "call" and request[1] in FORWARDED:
+                    result = getattr(channel, request[1])(*request[2], **request[3])
+                    reply = ("ret", _plain(result))
+                else:
+                    reply = ("err", TypeError(f"a loan carries no {request[0]!r} call"))
+            except errors as exc:
+                with contextlib.suppress(OSError):
+                    _wire.send(peer, ("lost", f"{type(exc).__name__}: {exc}"))
+                return True
+            except Exception as exc:
+                reply = ("err", _portable(exc))
+            _wire.send(peer, reply)
+
+    def _give_back(self, conn: LimitedConnection, *, broken: bool) -> None:
+        """The loan ended: put the connection back in its pool where a placeholder stands,
+        idle, or close it (its slot goes back) if it broke or the pool has no room."""
+        from mppools._keeper import keeper
+        from mppools.pools import _queue_lock
+
+        with self._lock:
+            self._out.discard(conn)
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        placed = False
+        if not broken and slot is not None and limiter is not None and not (
+                conn._mppools_severed or limiter.in_debt()):
+            queue = conn._pool._resource
+            with _queue_lock(queue):
+                items = queue.queue
+                for i in range(len(items) - 1, -1, -1):
+                    if isinstance(items[i], lazy):
+                        del items[i]
+                        items.append(conn)  # the pool's LIFO end: the next acquire takes it
+                        placed = True
+                        break
+                if placed:
+                    conn._mppools_idle_since = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        limiter.mark_idle(slot)
+        if not placed:
+            conn._mppools_close_taken()
+            return
+        with contextlib.suppress(Exception):
+            if limiter is not None and slot is not None and limiter.under_pressure():
+                keeper().look_again(slot.token)
+
+    def lent_out(self) -> list[LimitedConnection]:
+        with self._lock:
+            return list(self._out)
+
+    def _after_fork_in_child(self) -> None:
+        # the parent's threads do not exist here; close our copies of its sockets (a
+        # borrower of the parent's must see EOF when the parent ends, not when we do)
+        self._lock = threading.Lock()
+        sock, self._sock, self._address = self._sock, None, None
+        loans, self._loans = self._loans, set()
+        self._out = set()
+        for s in [*loans, *([sock] if sock is not None else [])]:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _plain(result: Any) -> Any:
+    """A call's result if it pickles (kombu's ``queue_declare_ok_t``), else None."""
+    import pickle
+
+    try:
+        pickle.dumps(result)
+    except Exception:
+        return None
+    return result
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else an MppoolsError naming it."""
+    import pickle
+
+    from mppools._errors import MppoolsError
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return MppoolsError(f"the lender's {type(exc).__name__}: {exc}")
+    return exc
+
+
+_lender = Lender()
+_fork.register(_lender, priority=2)
+
+
+def lender() -> Lender:
+    """This process's lender."""
+    return _lender

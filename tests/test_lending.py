@@ -1,0 +1,248 @@
+"""Lending (issue 9): a producer pool with no free slot publishes through another process's
+idle connection to the same broker, opening no broker connection of its own.
+
+Real brokers (Redis, RabbitMQ) behind a CountingProxy that counts every broker connection
+accepted; lenders and borrowers are forked workers driven over pipes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from forkutil import ChildError, Worker
+from kombu import Connection, Exchange, Queue
+from support.proxy import CountingProxy
+
+import mppools
+from mppools import pools
+from mppools._lending import BorrowedConnection
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest) -> Iterator[tuple[str, CountingProxy]]:
+    """(direct url, counting proxy in front of it) of a real broker."""
+    marker = "redis" if request.param == "redis" else "rabbitmq"
+    request.applymarker(getattr(pytest.mark, marker))
+    server = request.getfixturevalue("redis_server" if marker == "redis"
+                                     else "rabbitmq_server")
+    proxy = CountingProxy(("127.0.0.1", server.port))
+    try:
+        yield server.url, proxy
+    finally:
+        proxy.close()
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def _count(url: str, name: str) -> int:
+    with Connection(url) as c:
+        q = _queue(name)(c.default_channel)
+        q.declare()
+        return int(q.queue_declare(passive=True).message_count)
+
+
+# in the workers ------------------------------------------------------------------------------
+_held: dict[str, Any] = {}
+
+
+def _hold_idle(url: str, name: str) -> int:
+    """Publish once, leaving the pooled connection idle in this process's pool."""
+    with pools.producers[Connection(url)].acquire(block=True, timeout=10) as p:
+        p.publish({"from": "lender"}, exchange=name, routing_key=name, declare=[_queue(name)])
+    return os.getpid()
+
+
+def _idle_held(url: str) -> int:
+    """How many connections holding a slot sit idle in this process's pool."""
+    pool = pools.connections[Connection(url)]
+    return sum(1 for c in list(pool._resource.queue)
+               if getattr(c, "_mppools_slot", None) is not None)
+
+
+def _publish(url: str, name: str, body: Any) -> str:
+    with pools.producers[Connection(url)].acquire(block=True, timeout=10) as p:
+        p.publish(body, exchange=name, routing_key=name, declare=[_queue(name)], retry=True,
+                  retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.1})
+        return type(p.connection).__name__
+
+
+def _take(url: str) -> int:
+    """Take a producer and keep it (its connection borrowed); the lender's pid."""
+    p = pools.producers[Connection(url)].acquire(block=True, timeout=10)
+    _held["p"] = p
+    assert isinstance(p.connection, BorrowedConnection), p.connection
+    p.channel  # noqa: B018 - establishes the loan's channel
+    return int(p.connection.connection.lender_pid)
+
+
+def _publish_held(name: str, retry: bool) -> tuple[str, int]:
+    p = _held["p"]
+    try:
+        p.publish({"held": retry}, exchange=name, routing_key=name, declare=[_queue(name)],
+                  retry=retry, retry_policy={"max_retries": 3, "interval_start": 0,
+                                             "interval_step": 0.1})
+    except Exception as exc:
+        recoverable = isinstance(exc, p.connection.recoverable_connection_errors)
+        return f"{type(exc).__name__} recoverable={recoverable}", 0
+    return "ok", int(p.connection.connection.lender_pid)
+
+
+def _release_held() -> None:
+    _held.pop("p").release()
+
+
+def _consume(url: str) -> str:
+    with pools.producers[Connection(url)].acquire(block=True, timeout=10) as p:
+        try:
+            p.channel.basic_consume("q", callback=print)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return "consumed"
+
+
+_HANDLERS = {"hold_idle": _hold_idle, "idle_held": _idle_held, "publish": _publish,
+             "take": _take, "publish_held": _publish_held, "release_held": _release_held,
+             "consume": _consume}
+
+
+def _wait_for(fn: Any, want: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
+# the tests -----------------------------------------------------------------------------------
+def test_publish_and_declare_through_a_loan_open_no_connection(
+        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    name = f"lend-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", url, name)
+        opened = proxy.total_accepted
+        for i in range(20):
+            assert borrower.call("publish", url, name, {"i": i}) == "BorrowedConnection"
+        assert proxy.total_accepted == opened, "a loan opened a broker connection"
+        assert proxy.peak <= 1
+        assert _count(direct, name) == 21
+        # the lent connection is back, idle, in the lender's pool
+        assert _wait_for(lambda: lender.call("idle_held", url), 1) == 1
+    finally:
+        lender.kill()
+        borrower.kill()
+
+
+def test_a_borrowed_connection_only_publishes(broker: tuple[str, CountingProxy],
+                                              budget_name: str) -> None:
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", url, f"only-{budget_name}")
+        said = borrower.call("consume", url)
+        assert said.startswith("AttributeError") and "only publishes" in said, said
+    finally:
+        lender.kill()
+        borrower.kill()
+
+
+def test_lender_killed_mid_loan_fails_recoverably_and_retry_borrows_again(
+        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    name = f"kill-{budget_name}"
+    mppools.configure(limit=2, name=budget_name, idle_timeout=None)
+    first, second, borrower = Worker(_HANDLERS), Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lenders = {first.call("hold_idle", url, name): first,
+                   second.call("hold_idle", url, name): second}
+        lent_by = borrower.call("take", url)
+        assert lent_by in lenders
+        lenders.pop(lent_by).kill()
+        said, _ = borrower.call("publish_held", name, False)
+        assert said == "LoanLostError recoverable=True", said
+        said, again = borrower.call("publish_held", name, True)
+        assert said == "ok" and again in lenders, (said, again, list(lenders))
+        borrower.call("release_held")
+        assert _count(direct, name) == 3  # two lenders' messages and the retried one
+    finally:
+        for w in (first, second, borrower):
+            w.kill()
+
+
+def test_borrower_killed_mid_loan_gives_the_connection_back(
+        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    name = f"bkill-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", url, name)
+        opened = proxy.total_accepted
+        assert borrower.call("take", url) == lender.pid
+        assert lender.call("idle_held", url) == 0  # out on loan
+        borrower.kill()
+        assert _wait_for(lambda: lender.call("idle_held", url), 1) == 1
+        assert proxy.total_accepted == opened  # the same connection, not a new one
+        assert mppools.stats().in_use == 1
+    finally:
+        lender.kill()
+        borrower.kill()
+
+
+@pytest.mark.redis
+def test_without_lending_a_slotless_producer_waits_for_a_slot(
+        redis_server: Any, budget_name: str) -> None:
+    proxy = CountingProxy(("127.0.0.1", redis_server.port))
+    url = proxy.url_for(redis_server.url)
+    name = f"nolend-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None, lend=False)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", url, name)
+        opened = proxy.total_accepted
+        # the idle slot is handed over (yielded), and the borrower connects on its own
+        assert borrower.call("publish", url, name, {"n": 1}) == "LimitedConnection"
+        assert proxy.total_accepted > opened
+    finally:
+        lender.kill()
+        borrower.kill()
+        proxy.close()
+
+
+def test_lend_must_be_a_bool(budget_name: str) -> None:
+    with pytest.raises(mppools.ConfigurationError, match="lend must be True or False"):
+        mppools.configure(limit=1, name=budget_name, lend="yes")  # type: ignore[arg-type]
+    from mppools._limiter import posix
+
+    assert not posix.exists(budget_name)
+
+
+def test_memory_transport_does_not_lend(budget_name: str) -> None:
+    """Only Redis and py-amqp connections are lent: a memory:// producer waits."""
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", "memory://", f"mem-{budget_name}")
+        assert borrower.call("publish", "memory://", f"mem-{budget_name}",
+                             {"n": 1}) == "LimitedConnection"
+    except ChildError:
+        raise
+    finally:
+        lender.kill()
+        borrower.kill()
