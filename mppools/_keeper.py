@@ -88,6 +88,18 @@ def _someone_waits() -> bool:
     return limiter is not None and limiter.waiting_flag()
 
 
+def _nudge_borrower() -> None:
+    """A connection went idle while someone waits: with lending on, wake the oldest waiter
+    at once, so that it borrows the connection (no set-up) before the grace runs out and
+    the slot is handed over (a set-up)."""
+    from mppools import _config
+
+    limiter = _config.current()
+    if limiter is not None and _config.lending():
+        with contextlib.suppress(Exception):  # a nudge is only ever a hint
+            limiter.nudge_waiter()
+
+
 class Keeper:
     """Tracks this process's slot-holding connections and yields idle ones on request."""
 
@@ -139,6 +151,7 @@ class Keeper:
         if token in self._deferred or self._sock is None:
             return
         self._deferred[token] = time.monotonic() + idle_grace()
+        _nudge_borrower()
         sock = self._sock
         try:
             if self._poker is None:

@@ -108,8 +108,14 @@ def _consume(url: str) -> str:
     return "consumed"
 
 
-_HANDLERS = {"hold_idle": _hold_idle, "idle_held": _idle_held, "publish": _publish,
-             "take": _take, "publish_held": _publish_held, "release_held": _release_held,
+def _lender_calls() -> dict[str, int]:
+    from mppools._lending import lender
+
+    return dict(lender().calls)
+
+
+_HANDLERS = {"lender_calls": _lender_calls, "hold_idle": _hold_idle, "idle_held": _idle_held,
+             "publish": _publish, "take": _take, "publish_held": _publish_held, "release_held": _release_held,
              "consume": _consume}
 
 
@@ -140,6 +146,32 @@ def test_publish_and_declare_through_a_loan_open_no_connection(
         assert _count(direct, name) == 21
         # the lent connection is back, idle, in the lender's pool
         assert _wait_for(lambda: lender.call("idle_held", url), 1) == 1
+    finally:
+        lender.kill()
+        borrower.kill()
+
+
+def test_declarations_are_cached_across_loans(broker: tuple[str, CountingProxy],
+                                              budget_name: str) -> None:
+    """What the lender's connection declared is not declared again through a loan, and what
+    a loan declared is known to the next loan (kombu's cache is per connection: the lender's
+    connection's)."""
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    first, second = f"c1-{budget_name}", f"c2-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", url, first)
+        for i in range(3):
+            assert borrower.call("publish", url, first, {"i": i}) == "BorrowedConnection"
+        calls = lender.call("lender_calls")
+        assert calls.get("publish") == 3 and "queue_declare" not in calls, calls
+        for i in range(3):
+            assert borrower.call("publish", url, second, {"i": i}) == "BorrowedConnection"
+        calls = lender.call("lender_calls")
+        assert calls.get("publish") == 6 and calls.get("queue_declare") == 1, calls
+        assert _count(direct, second) == 3
     finally:
         lender.kill()
         borrower.kill()

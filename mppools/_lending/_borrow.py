@@ -51,9 +51,15 @@ CALL_TIMEOUT = 60.0
 class Loan:
     """One loan: the stream socket to the lender, while the lender lends its connection."""
 
-    def __init__(self, sock: socket.socket, lender_pid: int) -> None:
+    def __init__(self, sock: socket.socket, lender_pid: int,
+                 declared: frozenset[int] = frozenset()) -> None:
         self._sock: socket.socket | None = sock
         self.lender_pid = lender_pid
+        #: kombu's declaration cache of the lender's connection when it was lent (what
+        #: ``maybe_declare`` need not declare again), and the borrowed connection's own set
+        #: (what it declared through the loan goes back to the lender at the end)
+        self.known = declared
+        self.declared: set[int] = set()
 
     @property
     def alive(self) -> bool:
@@ -87,7 +93,7 @@ class Loan:
             return
         try:
             sock.settimeout(ASK_TIMEOUT)
-            _wire.send(sock, ("end",))
+            _wire.send(sock, ("end", tuple(self.declared - self.known)))
             # the lender answers once the connection is back in its pool (idle): a borrow
             # right after this one finds it there
             _wire.recv(sock)
@@ -112,11 +118,11 @@ def ask(address: str, key: str) -> Loan | None:
     except OSError:
         sock.close()
         return None
-    if not (isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "lent"):
+    if not (isinstance(reply, tuple) and len(reply) == 3 and reply[0] == "lent"):
         sock.close()
         return None
     sock.settimeout(CALL_TIMEOUT)
-    return Loan(sock, int(reply[1]))
+    return Loan(sock, int(reply[1]), frozenset(i for i in reply[2] if isinstance(i, int)))
 
 
 class _Prepared:
@@ -260,13 +266,23 @@ class BorrowedConnection(Connection):
 
     def _mppools_next_loan(self) -> Loan:
         loan, self._mppools_loan = self._mppools_loan, None
-        if loan is not None and loan.alive:
-            return loan
-        loan = self._mppools_renew()
-        if loan is None:
-            raise LoanLostError(f"no process of the budget had an idle connection to lend "
-                                f"(pid {os.getpid()} asked)")
+        if loan is None or not loan.alive:
+            loan = self._mppools_renew()
+            if loan is None:
+                raise LoanLostError(f"no process of the budget had an idle connection to "
+                                    f"lend (pid {os.getpid()} asked)")
+        # what the lender's connection declared already needs no declaring again
+        self.declared_entities.update(loan.known)
+        loan.declared = self.declared_entities
         return loan
+
+    def _do_close_self(self) -> None:
+        # end the loan before kombu clears the declaration cache: what this loan declared
+        # goes back with it
+        loan = self._connection
+        if isinstance(loan, Loan):
+            loan.end()
+        super()._do_close_self()  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
         return f"<BorrowedConnection {self.as_uri()} at {id(self):#x}>"

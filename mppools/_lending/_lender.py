@@ -18,6 +18,7 @@ Each accepted peer of our uid gets one thread for one loan:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -76,7 +77,9 @@ class Lender:
         self._address: str | None = None
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
+        #: loans made, and the calls run for borrowers by kind ("publish", "queue_declare")
         self.lent = 0
+        self.calls: collections.Counter[str] = collections.Counter()
 
     # the socket ------------------------------------------------------------------------------
     def listen(self, address: str | None) -> None:
@@ -147,7 +150,7 @@ class Lender:
                 _wire.send(peer, ("no",))
                 return
             try:
-                _wire.send(peer, ("lent", os.getpid()))
+                _wire.send(peer, ("lent", os.getpid(), tuple(conn.declared_entities)))
             except OSError:
                 self._give_back(conn, broken=False)
                 conn = None
@@ -188,8 +191,7 @@ class Lender:
                 return conn
         return None
 
-    @staticmethod
-    def _carry(peer: socket.socket, conn: LimitedConnection) -> bool | None:
+    def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
         """Run the borrower's calls until it ends the loan: None if it ended it (and waits
         for the give-back to be answered), False on anything else, True if the connection
         broke."""
@@ -199,9 +201,13 @@ class Lender:
             if not isinstance(request, tuple) or not request:
                 return False
             if request[0] == "end":
+                # what the borrower declared through this connection: kombu's cache
+                if len(request) == 2 and isinstance(request[1], tuple):
+                    conn.declared_entities.update(i for i in request[1] if isinstance(i, int))
                 return None
             try:
                 channel: Any = conn.default_channel
+                self.calls[str(request[1] if request[0] == "call" else request[0])] += 1
                 if request[0] == "publish":
                     prepared, kwargs = request[1], request[2]
                     message = channel.prepare_message(*prepared)
@@ -263,6 +269,8 @@ class Lender:
         sock, self._sock, self._address = self._sock, None, None
         loans, self._loans = self._loans, set()
         self._out = set()
+        self.lent = 0
+        self.calls = collections.Counter()
         for s in [*loans, *([sock] if sock is not None else [])]:
             with contextlib.suppress(OSError):
                 s.close()

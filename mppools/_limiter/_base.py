@@ -321,6 +321,10 @@ class Limiter(abc.ABC):
         first (empty if the backend has none)."""
         return []
 
+    def nudge_waiter(self) -> None:  # noqa: B027 - optional hook
+        """Wake the oldest waiter without granting it anything: a connection just went idle,
+        and the waiter may borrow it (see ``acquire``'s ``on_wait``)."""
+
     def is_creator(self) -> bool:
         """True if this process created (or adopted) the budget and so removes it at exit."""
         return False

@@ -79,7 +79,7 @@ from mppools._validate import check_limit, check_wait_timeout
 from . import _self, _tokens, _wait
 from ._books import Books
 from ._mutex import Mutex
-from ._names import keeper_path, lend_path, shm_path, tokens_path, validate_name
+from ._names import keeper_path, lend_path, shm_path, tokens_path, validate_name, waiter_path
 from ._segment import (
     ensure_dir,
     open_semaphore,
@@ -743,6 +743,16 @@ class PosixLimiter(Limiter):
 
     def keeper_address(self) -> str:
         return keeper_path(self.name, _self.me().owner)
+
+    def nudge_waiter(self) -> None:
+        if self._closed:
+            return
+        with self._locked():
+            index = self._table.oldest_waiting()
+            if index < 0:
+                return
+            nonce = self._table.read_waiter(index).nonce
+        _wait.notify([waiter_path(self.name, nonce)])
 
     def lend_address(self) -> str:
         return lend_path(self.name, _self.me().owner)

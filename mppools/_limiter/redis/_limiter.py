@@ -846,6 +846,9 @@ class RedisLimiter(Limiter):
     def lenders(self) -> list[str]:
         return self._local.lenders()
 
+    def nudge_waiter(self) -> None:
+        self._local.nudge_waiter()
+
     def is_creator(self) -> bool:
         return self._local.is_creator()
 
