@@ -359,9 +359,9 @@ class LimitedConnectionPool(ConnectionPool):
                 lend: bool = False) -> Any:
         """Take a connection from the local pool, then a slot of the budget if it has none.
 
-        With ``lend`` (producer pools), a wait for a slot may end with a
-        :class:`~mppools._lending.Borrowed` carrying a connection borrowed from another
-        process (see :mod:`mppools._lending`).
+        With ``lend`` (producer pools), a wait for a slot may end with
+        ``mppools._lending.Borrowed`` raised, carrying a connection borrowed from another
+        process (docs/concepts.md, "Lending").
 
         A pooled connection is reused with the slot it holds, unless the budget is over its
         limit (after ``set_limit(n, force=True)``): then it is closed, which pays the debt,

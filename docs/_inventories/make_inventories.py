@@ -51,6 +51,7 @@ argparse.ArgumentParser py:class 1 library/argparse.html#$ -
 atexit py:module 0 library/atexit.html#module-$ -
 bool py:class 1 library/functions.html#$ -
 bytes py:class 1 library/stdtypes.html#$ -
+collections.abc.Callable py:class 1 library/collections.abc.html#$ -
 collections.abc.Iterable py:class 1 library/collections.abc.html#$ -
 collections.abc.Iterator py:class 1 library/collections.abc.html#$ -
 collections.abc.Sequence py:class 1 library/collections.abc.html#$ -

@@ -34,7 +34,7 @@ from kombu.utils.functional import lazy
 from mppools import _fork, _green
 
 from . import _wire
-from ._borrow import FORWARDED, LENDABLE_DRIVERS
+from ._borrow import ASK_TIMEOUT, FORWARDED, LENDABLE_DRIVERS
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -75,6 +75,7 @@ class Lender:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._address: str | None = None
+        self._thread: threading.Thread | None = None
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
         #: loans made, and the calls run for borrowers by kind ("publish", "queue_declare")
@@ -103,8 +104,9 @@ class Lender:
                 sock.close()
                 return
             self._sock, self._address = sock, address
-            threading.Thread(target=self._run, args=(sock,), name="mppools-lender",
-                             daemon=True).start()
+            self._thread = threading.Thread(target=self._run, args=(sock,),
+                                            name="mppools-lender", daemon=True)
+            self._thread.start()
 
     def _stop_locked(self) -> None:
         sock, self._sock = self._sock, None
@@ -116,10 +118,15 @@ class Lender:
             with contextlib.suppress(OSError):
                 os.unlink(address)
 
-    def stop(self) -> None:
-        """Stop lending (``mppools.close()``); loans out end when their borrowers end them."""
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop lending (``mppools.close()``, a thread-free process) and wait up to
+        ``timeout`` seconds for the lending thread to end; loans out end when their
+        borrowers end them."""
         with self._lock:
             self._stop_locked()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _run(self, sock: socket.socket) -> None:
         try:
@@ -128,43 +135,52 @@ class Lender:
                     peer, _ = sock.accept()
                 except OSError:
                     return
-                if not _wire.peer_trusted(peer):
-                    peer.close()
-                    continue
-                threading.Thread(target=self._serve, args=(peer,), name="mppools-loan",
-                                 daemon=True).start()
+                conn = self._answer(peer)
+                if conn is not None:
+                    threading.Thread(target=self._serve, args=(peer, conn),
+                                     name="mppools-loan", daemon=True).start()
         finally:
             sock.close()
 
     # one loan ----------------------------------------------------------------------------------
-    def _serve(self, peer: socket.socket) -> None:
-        with self._lock:
-            self._loans.add(peer)
+    def _answer(self, peer: socket.socket) -> LimitedConnection | None:
+        """Read a borrow request and answer it (here, in the lending thread: a refusal costs
+        no thread); the connection lent, or None (``peer`` is closed then)."""
         conn: LimitedConnection | None = None
         try:
-            peer.settimeout(1.0)
+            if not _wire.peer_trusted(peer):
+                raise _wire.WireError("a peer of another uid")
+            peer.settimeout(ASK_TIMEOUT)
             request = _wire.recv(peer)
             if isinstance(request, tuple) and len(request) == 2 and request[0] == "borrow":
                 conn = self._take(str(request[1]))
             if conn is None:
                 _wire.send(peer, ("no",))
-                return
-            try:
+            else:
                 _wire.send(peer, ("lent", os.getpid(), tuple(conn.declared_entities)))
-            except OSError:
+                with self._lock:
+                    self._loans.add(peer)
+                self.lent += 1
+                return conn
+        except OSError:
+            if conn is not None:
                 self._give_back(conn, broken=False)
-                conn = None
-                return
-            self.lent += 1
+        peer.close()
+        return None
+
+    def _serve(self, peer: socket.socket, conn: LimitedConnection) -> None:
+        """Carry one loan to its end, then give the connection back."""
+        lent: LimitedConnection | None = conn
+        try:
             peer.settimeout(LOAN_IDLE_TIMEOUT)
             broken = self._carry(peer, conn)
             self._give_back(conn, broken=bool(broken))
-            conn = None
+            lent = None
             if broken is None:
                 _wire.send(peer, ("ended",))
         except OSError:
-            if conn is not None:  # the borrower went away mid-call
-                self._give_back(conn, broken=False)
+            if lent is not None:  # the borrower went away mid-call
+                self._give_back(lent, broken=False)
         finally:
             with self._lock:
                 self._loans.discard(peer)
@@ -267,6 +283,7 @@ class Lender:
         # borrower of the parent's must see EOF when the parent ends, not when we do)
         self._lock = threading.Lock()
         sock, self._sock, self._address = self._sock, None, None
+        self._thread = None
         loans, self._loans = self._loans, set()
         self._out = set()
         self.lent = 0

@@ -52,6 +52,7 @@ import mppools
 from mppools import _config, _fork
 from mppools._errors import BudgetInUseError, BudgetNotFoundError, ConfigurationError
 from mppools._keeper import keeper
+from mppools._lending import lender
 from mppools._limiter._base import Limiter
 from mppools.integrations import settings_from_env
 
@@ -390,6 +391,7 @@ def setup(limit: int | None = None, name: str | None = None,
     if threadless:
         _fork.forbid_threads()
         keeper().go_threadless()
+        lender().stop()
     if _hooks_installed_in != os.getpid():
         _hooks_installed_in = os.getpid()
         if not in_worker:
