@@ -471,3 +471,67 @@ def test_precreated_budget_directory_is_not_trusted(
     finally:
         victim.kill()
         waiter.kill()
+
+
+# 7. the lending socket -------------------------------------------------------------------------
+_BORROW = r'''
+import pickle
+data = pickle.dumps(("borrow", ARGS["key"]))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(ARGS["path"])
+except OSError as exc:
+    out({"connect": type(exc).__name__})
+    sys.exit(0)
+s.sendall(struct.pack(">I", len(data)) + data)
+try:
+    reply = s.recv(65536)
+except OSError as exc:
+    reply = type(exc).__name__.encode()
+out({"connect": "ok", "reply": reply.decode("latin-1")})
+'''
+
+
+def _lend_at(url: str, path: str) -> str:
+    """Hold an idle Redis connection and lend it at ``path`` (open to every user)."""
+    from mppools import pools
+    from mppools._lending import lender, pool_key
+
+    _use(url)
+    lender().listen(path)
+    os.chmod(path, 0o777)
+    return pool_key(pools.connections[Connection(url)])
+
+
+def _idle_slots(url: str) -> int:
+    from mppools import pools
+
+    return sum(1 for c in list(pools.connections[Connection(url)]._resource.queue)
+               if getattr(c, "_mppools_slot", None) is not None)
+
+
+@pytest.mark.redis
+def test_other_user_gets_no_loan(attacker: OtherUser, budget_name: str,
+                                 redis_server: Any) -> None:
+    """Regression (lending): a peer of another uid that reaches a lending socket (here one
+    made reachable on purpose: the real one is in the owner-only directory) gets no loan,
+    not even an answer, and the lender's connection stays idle in its pool."""
+    import shutil
+    import tempfile
+
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    where = tempfile.mkdtemp(prefix="mppools-lend-", dir="/tmp")
+    os.chmod(where, 0o711)
+    path = os.path.join(where, "lend")
+    victim = Worker({"lend": lambda: _lend_at(redis_server.url, path),
+                     "idle": lambda: _idle_slots(redis_server.url)})
+    try:
+        key = victim.call("lend")
+        res = attacker.call(_BORROW, {"path": path, "key": key}, timeout=60)
+        # closed unanswered: EOF, or a reset (it closed with the request unread)
+        assert res["connect"] == "ok" and res["reply"] in ("", "ConnectionResetError"), res
+        assert victim.call("idle") == 1
+    finally:
+        victim.kill()
+        shutil.rmtree(where, ignore_errors=True)
