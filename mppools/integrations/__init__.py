@@ -21,7 +21,11 @@ arguments or from the environment:
     seconds (``none`` for no bound, where that means anything), defaults as in
     :func:`mppools.configure`;
 ``MPPOOLS_BACKEND``
-    where the budget lives, as :func:`mppools.configure`'s ``backend`` (default ``posix``).
+    where the budget lives, as :func:`mppools.configure`'s ``backend`` (default ``posix``);
+``MPPOOLS_LEND``
+    ``1`` / ``0`` (also ``true``/``false``, ``yes``/``no``, ``on``/``off``): whether a
+    producer with no free slot borrows another process's idle connection
+    (:func:`mppools.configure`'s ``lend``, default on).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ ENV_ACQUIRE_TIMEOUT = "MPPOOLS_ACQUIRE_TIMEOUT"
 ENV_IDLE_TIMEOUT = "MPPOOLS_IDLE_TIMEOUT"
 ENV_HOLD_QUANTUM = "MPPOOLS_HOLD_QUANTUM"
 ENV_BACKEND = "MPPOOLS_BACKEND"
+ENV_LEND = "MPPOOLS_LEND"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _seconds(var: str, raw: str) -> float | None:
@@ -87,4 +94,10 @@ def settings_from_env(
         kwargs["hold_quantum"] = quantum
     if "backend" not in kwargs and env.get(ENV_BACKEND, "").strip():
         kwargs["backend"] = env[ENV_BACKEND].strip()
+    if "lend" not in kwargs and env.get(ENV_LEND, "").strip():
+        raw = env[ENV_LEND].strip().lower()
+        if raw not in _TRUE + _FALSE:
+            raise ConfigurationError(f"{ENV_LEND}={env[ENV_LEND]!r} is not 1 or 0 (or true, "
+                                     "false, yes, no, on, off)")
+        kwargs["lend"] = raw in _TRUE
     return limit, name, kwargs

@@ -328,7 +328,7 @@ def setup(limit: int | None = None, name: str | None = None,
 
     Call it at import of the module uWSGI loads. ``limit`` / ``name`` left as None are read
     from ``MPPOOLS_LIMIT`` / ``MPPOOLS_NAME``; ``configure_kwargs`` (``acquire_timeout``,
-    ``idle_timeout``, ``hold_quantum``, ``capacity``, ``mode``, ``backend``) go to
+    ``idle_timeout``, ``hold_quantum``, ``capacity``, ``mode``, ``backend``, ``lend``) go to
     :func:`mppools.configure`, and default to ``MPPOOLS_ACQUIRE_TIMEOUT`` & co. A process
     that already has a budget keeps it. Returns the budget, or None (with a warning) when no
     limit is given anywhere: then mppools stays unconfigured (per-process pools, like
