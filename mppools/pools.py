@@ -79,6 +79,9 @@ QUANTUM_PER_SETUP = 24.0
 QUANTUM_FLOOR = 0.01
 #: a quantum counted in uses still ends after this many times its length in time
 TURN_TIME_CAP = 1.5
+#: how long a thread waits for its own process's connection to come back from a loan
+#: before it waits for a slot instead (seconds; a loan is normally one publish)
+RECLAIM_WAIT = 0.5
 
 
 def _queue_lock(queue: Any) -> Any:
@@ -443,6 +446,17 @@ class LimitedConnectionPool(ConnectionPool):
             conn = _resource_acquire(self, block, timeout)
         if _config.current() is None:
             return conn
+        if block and _lending.lender().lending_from(self):
+            # a connection of ours is out on loan: it comes back in a moment (a loan is one
+            # publish), which beats waiting for a slot and a set-up
+            wait = RECLAIM_WAIT if deadline is None else min(RECLAIM_WAIT,
+                                                             _remaining(deadline) or 0.0)
+            mine = _lending.lender().reclaim(self, wait)
+            if mine is not None:
+                # ours instead of the placeholder we took (which stood for it: dropped)
+                self._dirty.discard(conn)
+                self._dirty.add(mine)
+                return mine
         on_wait = self._borrower() if lend and block else None
         try:
             if deadline is None and block:

@@ -108,13 +108,38 @@ def _consume(url: str) -> str:
     return "consumed"
 
 
+def _publish_in_thread(url: str, name: str) -> None:
+    import threading
+
+    def run() -> None:
+        try:
+            _held["result"] = _publish(url, name, {"from": "lender's thread"})
+        except Exception as exc:
+            _held["result"] = repr(exc)
+
+    _held["thread"] = threading.Thread(target=run)
+    _held["thread"].start()
+
+
+def _claims() -> int:
+    from mppools._lending import lender
+
+    return sum(len(c) for c in list(lender()._claims.values()))
+
+
+def _join() -> str:
+    _held.pop("thread").join(20)
+    return str(_held.pop("result"))
+
+
 def _lender_calls() -> dict[str, int]:
     from mppools._lending import lender
 
     return dict(lender().calls)
 
 
-_HANDLERS = {"lender_calls": _lender_calls, "hold_idle": _hold_idle, "idle_held": _idle_held,
+_HANDLERS = {"lender_calls": _lender_calls, "publish_in_thread": _publish_in_thread,
+             "claims": _claims, "join": _join, "hold_idle": _hold_idle, "idle_held": _idle_held,
              "publish": _publish, "take": _take, "publish_held": _publish_held, "release_held": _release_held,
              "consume": _consume}
 
@@ -232,6 +257,31 @@ def test_borrower_killed_mid_loan_gives_the_connection_back(
         assert _wait_for(lambda: lender.call("idle_held", url), 1) == 1
         assert proxy.total_accepted == opened  # the same connection, not a new one
         assert mppools.stats().in_use == 1
+    finally:
+        lender.kill()
+        borrower.kill()
+
+
+def test_a_lenders_own_thread_gets_its_connection_back_from_the_loan(
+        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    """Regression: the lender's own thread, needing its pool while its only connection is
+    out on loan, waited for a slot its own connection held (LimitExceeded after the acquire
+    timeout); now it waits for the loan to end and takes its connection back directly."""
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    name = f"back-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None, acquire_timeout=5)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        lender.call("hold_idle", url, name)
+        opened = proxy.total_accepted
+        assert borrower.call("take", url) == lender.pid
+        lender.call("publish_in_thread", url, name)
+        assert _wait_for(lambda: lender.call("claims"), 1) == 1
+        borrower.call("release_held")
+        assert lender.call("join") == "LimitedConnection"
+        assert proxy.total_accepted == opened
+        assert _count(direct, name) == 2
     finally:
         lender.kill()
         borrower.kill()

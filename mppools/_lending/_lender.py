@@ -78,6 +78,7 @@ class Lender:
         self._thread: threading.Thread | None = None
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
+        self._claims: dict[int, collections.deque[_Claim]] = {}
         #: loans made, and the calls run for borrowers by kind ("publish", "queue_declare")
         self.lent = 0
         self.calls: collections.Counter[str] = collections.Counter()
@@ -196,7 +197,7 @@ class Lender:
         for conn in keeper().held():
             slot = conn._mppools_slot
             if (slot is None or conn._mppools_severed or conn._connection is None
-                    or pool_key(conn._pool) != key):
+                    or pool_key(conn._pool) != key or id(conn._pool) in self._claims):
                 continue
             if conn._mppools_take_if_idle():
                 conn._mppools_idle_since = None
@@ -243,22 +244,33 @@ class Lender:
             _wire.send(peer, reply)
 
     def _give_back(self, conn: LimitedConnection, *, broken: bool) -> None:
-        """The loan ended: put the connection back in its pool where a placeholder stands,
-        idle, or close it (its slot goes back) if it broke or the pool has no room."""
+        """The loan ended: hand the connection to a thread of ours that waits for it
+        (:meth:`reclaim`), else put it back in its pool where a placeholder stands, idle; close
+        it (its slot goes back) if it broke or the pool has no room."""
         from mppools._keeper import keeper
         from mppools.pools import _queue_lock
 
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        usable = not broken and slot is not None and limiter is not None and not (
+            conn._mppools_severed or limiter.in_debt())
+        pool = conn._pool
         with self._lock:
             self._out.discard(conn)
-        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+            claims = self._claims.get(id(pool)) if usable else None
+            claim = claims.popleft() if claims else None
+            if claims is not None and not claims:
+                del self._claims[id(pool)]
+        if claim is not None:
+            claim.conn = conn  # still marked busy: it goes straight back to work
+            claim.event.set()
+            return
         placed = False
-        if not broken and slot is not None and limiter is not None and not (
-                conn._mppools_severed or limiter.in_debt()):
-            queue = conn._pool._resource
+        if usable and slot is not None and limiter is not None:
+            queue = pool._resource
             with _queue_lock(queue):
                 items = queue.queue
                 for i in range(len(items) - 1, -1, -1):
-                    if isinstance(items[i], lazy):
+                    if _placeholder(items[i]):
                         del items[i]
                         items.append(conn)  # the pool's LIFO end: the next acquire takes it
                         placed = True
@@ -274,9 +286,34 @@ class Lender:
             if limiter is not None and slot is not None and limiter.under_pressure():
                 keeper().look_again(slot.token)
 
+    def reclaim(self, pool: Any, timeout: float) -> LimitedConnection | None:
+        """For a thread of this process that needs a connection of ``pool`` while one is
+        out on loan: wait up to ``timeout`` seconds for a loan of that pool to end and take
+        the connection directly (it is not lent again meanwhile). None at once if none is out,
+        or if none came back in time."""
+        with self._lock:
+            if not any(c._pool is pool for c in self._out):
+                return None
+            claim = _Claim()
+            self._claims.setdefault(id(pool), collections.deque()).append(claim)
+        if not claim.event.wait(timeout):
+            with self._lock:
+                claims = self._claims.get(id(pool))
+                if claims is not None and claim in claims:
+                    claims.remove(claim)
+                    if not claims:
+                        del self._claims[id(pool)]
+                    return None
+            claim.event.wait()  # taken by a give-back that is handing it over now
+        return claim.conn
+
     def lent_out(self) -> list[LimitedConnection]:
         with self._lock:
             return list(self._out)
+
+    def lending_from(self, pool: Any) -> bool:
+        """True if a connection of ``pool`` is out on loan now (cheap: no lock)."""
+        return bool(self._out) and any(c._pool is pool for c in list(self._out))
 
     def _after_fork_in_child(self) -> None:
         # the parent's threads do not exist here; close our copies of its sockets (a
@@ -286,11 +323,29 @@ class Lender:
         self._thread = None
         loans, self._loans = self._loans, set()
         self._out = set()
+        self._claims = {}
         self.lent = 0
         self.calls = collections.Counter()
         for s in [*loans, *([sock] if sock is not None else [])]:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+class _Claim:
+    """A thread of ours waiting for a connection of its pool to come back from a loan."""
+
+    __slots__ = ("conn", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.conn: LimitedConnection | None = None
+
+
+def _placeholder(item: Any) -> bool:
+    """A pool queue's item that stands for a connection without being one: kombu's lazy
+    ``new()``, or a connection made from it that never took a slot."""
+    return isinstance(item, lazy) or (getattr(item, "_mppools_slot", 0) is None
+                                      and getattr(item, "_connection", 0) is None)
 
 
 def _plain(result: Any) -> Any:
