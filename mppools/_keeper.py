@@ -53,6 +53,9 @@ IDLE_GRACE = 0.002
 #: ... but a connection used more often than a hand-over costs is worth keeping: the grace
 #: grows to the budget's hand-over cost (what a waiter would pay to reconnect), up to this
 MAX_IDLE_GRACE = 0.05
+#: how long an idle connection offered to the waiters (lending) stays idle before the keeper
+#: hands it on, if nobody borrowed it and someone still waits (seconds)
+OFFER_WAIT = 0.005
 #: how long a connection in use may finish what it does (a publish) after a sever request
 #: before its sockets are cut (seconds; well inside the cross-host fencing margin)
 SEVER_GRACE = 0.05
@@ -143,15 +146,19 @@ class Keeper:
             with self._lock:
                 self._starting = False
 
-    def look_again(self, token: int) -> None:
+    def look_again(self, token: int, *, nudge: bool = False) -> None:
         """The connection holding ``token`` went idle while someone waits, inside its hold
         quantum: hand it on if it is still idle a grace (:func:`idle_grace`) from now (no
         waiter has to ask).
-        Called by the pools from any thread; one wake-up of the keeper per look."""
+        Called by the pools from any thread; one wake-up of the keeper per look. ``nudge``:
+        the connection is offered to the waiters (lending): wake the oldest one now."""
+        if nudge:
+            _nudge_borrower()
         if token in self._deferred or self._sock is None:
             return
         self._deferred[token] = time.monotonic() + idle_grace()
-        _nudge_borrower()
+        if not nudge:
+            _nudge_borrower()
         sock = self._sock
         try:
             if self._poker is None:
@@ -323,6 +330,12 @@ class Keeper:
                        (since if since is not None else now) + idle_grace())
         if now < ready_at and not conn._mppools_turn_done(now):
             self._deferred[token] = ready_at
+            return
+        if conn._mppools_idle_since is not None and conn._mppools_offer():
+            # lending: let the waiters borrow it first (one nudge); hand it on only if it
+            # is still idle, with someone waiting, OFFER_WAIT from now
+            _nudge_borrower()
+            self._deferred[token] = now + OFFER_WAIT
             return
         if conn._mppools_take_if_idle():
             self.yielded += 1

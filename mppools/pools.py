@@ -126,6 +126,10 @@ class LimitedConnection(PooledConnection):
     _mppools_first_done_at: float = 0.0
     #: its sockets were cut (its lease was lost): closed at its release, never reused
     _mppools_severed: bool = False
+    #: offered to the waiters at its turn's end (lending) and not lent since; the waiters
+    #: are yet to be woken for it
+    _mppools_offered: bool = False
+    _mppools_offer_due: bool = False
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -147,7 +151,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_hand_on_at = now + self._fitted_quantum(limiter)
         self._mppools_first_use = True
         self._mppools_uses = self._mppools_turn_uses = 0
-        self._mppools_severed = False
+        self._mppools_severed = self._mppools_offered = False
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -214,6 +218,18 @@ class LimitedConnection(PooledConnection):
         spent = now - self._mppools_first_done_at
         if limiter is not None and uses > 1 and spent > 0.0:
             limiter.note_use_rate((uses - 1) / spent)
+
+    def _mppools_offer(self) -> bool:
+        """At a turn's end while someone waits: True (once per loan) if this connection is
+        to stay idle a moment longer and be offered to the waiters (lending), instead of
+        being handed on now. A waiter that can borrow it does (the slot then needs no
+        hand-over, the waiter no set-up); the next turn's end, or the keeper once the idle
+        grace ran out, hands it on if nobody did. Lending it resets the offer."""
+        if self._mppools_offered or not _config.lending() or not _lending.lendable(
+                self._pool) or not _lending.lender().listening():
+            return False
+        self._mppools_offered = self._mppools_offer_due = True
+        return True
 
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
@@ -505,7 +521,8 @@ class LimitedConnectionPool(ConnectionPool):
                 resource._mppools_fit_quantum(now)
             try:
                 pressure = view[resource._mppools_pressure_at]
-                if pressure and (pressure & PRESSURE_DEBT or resource._mppools_turn_done(now)):
+                if pressure and (pressure & PRESSURE_DEBT or (
+                        resource._mppools_turn_done(now) and not resource._mppools_offer())):
                     # someone waits and this connection had its quantum (or the budget
                     # shrank): hand the slot on, don't idle
                     resource._mppools_note_turn(now)
@@ -514,8 +531,10 @@ class LimitedConnectionPool(ConnectionPool):
                     resource._mppools_idle_since = now
                     view[at] = STATE_IDLE
                     if pressure:
-                        # someone waits and our quantum runs: if we stay idle, hand on soon
-                        keeper().look_again(resource._mppools_slot.token)
+                        # someone waits and our quantum runs (or we are offered to the
+                        # waiters): if we stay idle, hand on soon
+                        offered, resource._mppools_offer_due = resource._mppools_offer_due, False
+                        keeper().look_again(resource._mppools_slot.token, nudge=offered)
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
@@ -525,14 +544,16 @@ class LimitedConnectionPool(ConnectionPool):
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
             if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
-                    limiter.under_pressure() and resource._mppools_turn_done(now)):
+                    limiter.under_pressure() and resource._mppools_turn_done(now)
+                    and not resource._mppools_offer()):
                 resource._mppools_note_turn(now)
                 resource._mppools_close_taken()
             else:
                 resource._mppools_idle_since = time.monotonic()
                 limiter.mark_idle(slot=resource._mppools_slot)
                 if limiter.under_pressure():
-                    keeper().look_again(resource._mppools_slot.token)
+                    offered, resource._mppools_offer_due = resource._mppools_offer_due, False
+                    keeper().look_again(resource._mppools_slot.token, nudge=offered)
         # kombu's Resource.release, minus the discard done above
         if self.limit:
             self._resource.put_nowait(resource)

@@ -201,6 +201,7 @@ class Lender:
                 continue
             if conn._mppools_take_if_idle():
                 conn._mppools_idle_since = None
+                conn._mppools_offered = False  # a waiter was served: no hand-over owed
                 with contextlib.suppress(Exception):
                     limiter.mark_busy(slot)
                 with self._lock:
@@ -284,7 +285,7 @@ class Lender:
             return
         with contextlib.suppress(Exception):
             if limiter is not None and slot is not None and limiter.under_pressure():
-                keeper().look_again(slot.token)
+                keeper().look_again(slot.token, nudge=True)
 
     def reclaim(self, pool: Any, timeout: float) -> LimitedConnection | None:
         """For a thread of this process that needs a connection of ``pool`` while one is
@@ -306,6 +307,10 @@ class Lender:
                     return None
             claim.event.wait()  # taken by a give-back that is handing it over now
         return claim.conn
+
+    def listening(self) -> bool:
+        """True if this process lends (its lending socket is up)."""
+        return self._sock is not None
 
     def lent_out(self) -> list[LimitedConnection]:
         with self._lock:
