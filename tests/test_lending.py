@@ -138,10 +138,12 @@ def _lender_calls() -> dict[str, int]:
     return dict(lender().calls)
 
 
-_HANDLERS = {"lender_calls": _lender_calls, "publish_in_thread": _publish_in_thread,
-             "claims": _claims, "join": _join, "hold_idle": _hold_idle, "idle_held": _idle_held,
-             "publish": _publish, "take": _take, "publish_held": _publish_held, "release_held": _release_held,
-             "consume": _consume}
+_HANDLERS = {
+    "lender_calls": _lender_calls, "publish_in_thread": _publish_in_thread, "claims": _claims,
+    "join": _join, "hold_idle": _hold_idle, "idle_held": _idle_held, "publish": _publish,
+    "take": _take, "publish_held": _publish_held, "release_held": _release_held,
+    "consume": _consume,
+}
 
 
 def _wait_for(fn: Any, want: Any, timeout: float = 10.0) -> Any:
@@ -217,11 +219,14 @@ def test_a_borrowed_connection_only_publishes(broker: tuple[str, CountingProxy],
         borrower.kill()
 
 
-def test_lender_killed_mid_loan_fails_recoverably_and_retry_borrows_again(
+def test_lender_gone_between_calls_the_call_goes_to_another_lender(
         broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    """A lender that exits (here SIGKILLed) while its connection is lent, between two of
+    the borrower's calls: the next call had not been sent, so it is sent on a loan from
+    another lender, without an error and without running twice."""
     direct, proxy = broker
     url = proxy.url_for(direct)
-    name = f"kill-{budget_name}"
+    name = f"gone-{budget_name}"
     mppools.configure(limit=2, name=budget_name, idle_timeout=None)
     first, second, borrower = Worker(_HANDLERS), Worker(_HANDLERS), Worker(_HANDLERS)
     try:
@@ -230,15 +235,45 @@ def test_lender_killed_mid_loan_fails_recoverably_and_retry_borrows_again(
         lent_by = borrower.call("take", url)
         assert lent_by in lenders
         lenders.pop(lent_by).kill()
-        said, _ = borrower.call("publish_held", name, False)
-        assert said == "LoanLostError recoverable=True", said
-        said, again = borrower.call("publish_held", name, True)
+        said, again = borrower.call("publish_held", name, False)
         assert said == "ok" and again in lenders, (said, again, list(lenders))
         borrower.call("release_held")
-        assert _count(direct, name) == 3  # two lenders' messages and the retried one
+        assert _count(direct, name) == 3  # two lenders' messages and the borrower's one
     finally:
         for w in (first, second, borrower):
             w.kill()
+
+
+@pytest.mark.redis
+def test_lender_killed_mid_call_fails_recoverably_and_retry_borrows_again(
+        redis_server: Any, budget_name: str) -> None:
+    """A lender killed while it runs the borrower's publish (its broker holds the reply
+    back): the publish may or may not have happened, so it fails with LoanLostError, which
+    kombu counts as recoverable; a retry publishes through another lender."""
+    from support.relay import HoldingRelay
+
+    relay = HoldingRelay(("127.0.0.1", redis_server.port))
+    name = f"mid-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    first, second, borrower = Worker(_HANDLERS), Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        assert first.call("hold_idle", relay.url, name) == first.pid
+        assert borrower.call("take", relay.url) == first.pid
+        relay.hold()  # the first lender's connection: its next command gets no reply
+        pools.set_limit(2)  # room for a second lender (its connection is not held)
+        assert second.call("hold_idle", relay.url, name) == second.pid
+        borrower.send("publish_held", name, False)
+        assert _wait_for(lambda: relay.held_bytes() > 0, True), "the publish never left"
+        first.kill()
+        said, _ = borrower.answer()
+        assert said == "LoanLostError recoverable=True", said
+        said, again = borrower.call("publish_held", name, True)
+        assert (said, again) == ("ok", second.pid)
+        borrower.call("release_held")
+    finally:
+        for w in (first, second, borrower):
+            w.kill()
+        relay.close()
 
 
 def test_borrower_killed_mid_loan_gives_the_connection_back(
@@ -285,6 +320,58 @@ def test_a_lenders_own_thread_gets_its_connection_back_from_the_loan(
     finally:
         lender.kill()
         borrower.kill()
+
+
+def _mp_lender(url: str, name: str, ready: Any, go: Any) -> None:
+    """A multiprocessing child (celery's prefork children leave the same way): lends until
+    told to exit, then returns, which runs multiprocessing's finalizers and ``os._exit``."""
+    _hold_idle(url, name)
+    ready.send(os.getpid())
+    go.recv()
+
+
+def _lend_sockets(budget: str) -> list[str]:
+    from mppools._limiter.posix._names import rendezvous_dir
+
+    return sorted(e for e in os.listdir(rendezvous_dir(budget)) if e.startswith("l-"))
+
+
+def test_a_lender_that_exits_lets_its_loans_end_first(
+        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    """Regression: a lender leaving (a recycled celery child: multiprocessing's exit path,
+    which ends in os._exit) cut the loan under the borrower's publish; now it stops lending
+    and waits (bounded) for its loans to end before it goes."""
+    import multiprocessing
+
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    name = f"exit-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    ctx = multiprocessing.get_context("fork")
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    go_r, go_w = ctx.Pipe(duplex=False)
+    lender = ctx.Process(target=_mp_lender, args=(url, name, ready_w, go_r))
+    lender.start()
+    borrower = Worker(_HANDLERS)
+    try:
+        assert ready_r.poll(20), "the lender never got ready"
+        pid = ready_r.recv()
+        assert borrower.call("take", url) == pid
+        assert len(_lend_sockets(budget_name)) == 1
+        go_w.send("exit")
+        # it stopped lending (its socket is gone) and waits for the loan
+        assert _wait_for(lambda: _lend_sockets(budget_name), []) == []
+        assert lender.is_alive()
+        assert borrower.call("publish_held", name, False) == ("ok", pid)
+        borrower.call("release_held")
+        lender.join(10)
+        assert lender.exitcode == 0
+        assert _count(direct, name) == 2
+    finally:
+        borrower.kill()
+        if lender.is_alive():
+            lender.kill()
+            lender.join(5)
 
 
 @pytest.mark.redis

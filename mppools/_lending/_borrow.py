@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -66,11 +67,16 @@ class Loan:
         return self._sock is not None
 
     def call(self, request: tuple[Any, ...]) -> Any:
-        """Run ``request`` at the lender; its result, or the exception it raised there."""
+        """Run ``request`` at the lender; its result, or the exception it raised there.
+
+        Raises:
+            LoanUnsent: the loan was over before the request was sent (it did not run).
+            LoanLostError: the loan broke while the request was out (it may have run).
+        """
         sock = self._sock
-        if sock is None:
-            raise LoanLostError(f"the connection borrowed from pid {self.lender_pid} was "
-                                "given back already")
+        if sock is None or self._gone(sock):
+            self.end()
+            raise LoanUnsent(self.lender_pid)
         try:
             _wire.send(sock, request)
             kind, value = _wire.recv(sock)
@@ -85,6 +91,17 @@ class Loan:
             raise LoanLostError(f"the connection borrowed from pid {self.lender_pid} broke "
                                 f"at the lender: {value}")
         raise value
+
+    @staticmethod
+    def _gone(sock: socket.socket) -> bool:
+        """True if the lender closed the loan (EOF or reset waiting to be read): between
+        two calls nothing else may arrive."""
+        try:
+            poller = select.poll()  # a zero timeout: never waits, green or not
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def end(self) -> None:
         """Give the connection back (the lender puts it back in its pool)."""
@@ -101,6 +118,14 @@ class Loan:
             pass  # the lender sees EOF instead
         finally:
             sock.close()
+
+
+class LoanUnsent(Exception):
+    """A loan was found over before a request was sent on it: safe to send elsewhere."""
+
+    def __init__(self, lender_pid: int) -> None:
+        super().__init__(f"the loan from pid {lender_pid} was over before the call")
+        self.lender_pid = lender_pid
 
 
 def ask(address: str, key: str) -> Loan | None:
@@ -174,14 +199,32 @@ class BorrowedChannel(StdChannel):
         if not isinstance(message, _Prepared):
             raise MppoolsError("a borrowed connection publishes only messages it prepared "
                                "(Producer.publish)")
-        return self.loan.call(("publish", message.args,
-                               {"exchange": exchange, "routing_key": routing_key,
-                                "mandatory": mandatory, "immediate": immediate, **kwargs}))
+        return self._call(("publish", message.args,
+                           {"exchange": exchange, "routing_key": routing_key,
+                            "mandatory": mandatory, "immediate": immediate, **kwargs}))
+
+    def _call(self, request: tuple[Any, ...]) -> Any:
+        """Run ``request`` on the loan; if the lender ended it before the request went out
+        (it exited between two calls), on a new loan from another lender: the request had
+        not run, so nothing runs twice."""
+        try:
+            return self.loan.call(request)
+        except LoanUnsent as unsent:
+            transport = self.connection
+            client = transport.client if transport is not None else None
+            loan = client._mppools_relend() if isinstance(client, BorrowedConnection) \
+                else None
+            if loan is None:
+                raise LoanLostError(f"the connection borrowed from pid {unsent.lender_pid} "
+                                    "is gone, and no other process had one idle to lend") \
+                    from None
+            self.loan = loan
+            return loan.call(request)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name in FORWARDED:
             def forwarded(*args: Any, **kwargs: Any) -> Any:
-                return self.loan.call(("call", name, args, kwargs))
+                return self._call(("call", name, args, kwargs))
             return forwarded
         raise AttributeError(f"a borrowed connection's channel has no {name!r}: it only "
                              "publishes and declares")
@@ -274,6 +317,17 @@ class BorrowedConnection(Connection):
         # what the lender's connection declared already needs no declaring again
         self.declared_entities.update(loan.known)
         loan.declared = self.declared_entities
+        return loan
+
+    def _mppools_relend(self) -> Loan | None:
+        """A new loan in place of one its lender ended between two calls (or None)."""
+        loan = self._mppools_renew()
+        if loan is None:
+            return None
+        self.declared_entities.clear()  # another connection: kombu's cache starts afresh
+        self.declared_entities.update(loan.known)
+        loan.declared = self.declared_entities
+        self._connection = loan
         return loan
 
     def _do_close_self(self) -> None:

@@ -45,6 +45,8 @@ logger = logging.getLogger("mppools")
 
 #: a borrower that neither calls nor ends its loan for this long loses it (seconds)
 LOAN_IDLE_TIMEOUT = 300.0
+#: how long an exiting process waits for its loans out to end before it goes (seconds)
+EXIT_WAIT = 2.0
 
 
 def pool_key(pool: Any) -> str:
@@ -73,9 +75,11 @@ class Lender:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)  # a loan ended
         self._sock: socket.socket | None = None
         self._address: str | None = None
         self._thread: threading.Thread | None = None
+        self._exit_hook_pid = 0
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
         self._claims: dict[int, collections.deque[_Claim]] = {}
@@ -105,6 +109,9 @@ class Lender:
                 sock.close()
                 return
             self._sock, self._address = sock, address
+            if self._exit_hook_pid != os.getpid():
+                self._exit_hook_pid = os.getpid()
+                _register_exit_hook()
             self._thread = threading.Thread(target=self._run, args=(sock,),
                                             name="mppools-lender", daemon=True)
             self._thread.start()
@@ -257,6 +264,7 @@ class Lender:
         pool = conn._pool
         with self._lock:
             self._out.discard(conn)
+            self._returned.notify_all()
             claims = self._claims.get(id(pool)) if usable else None
             claim = claims.popleft() if claims else None
             if claims is not None and not claims:
@@ -308,6 +316,18 @@ class Lender:
             claim.event.wait()  # taken by a give-back that is handing it over now
         return claim.conn
 
+    def quiesce(self, timeout: float = EXIT_WAIT) -> None:
+        """At exit: stop lending and wait up to ``timeout`` seconds for the loans out to
+        end, so that no borrower's call is cut by this process going away."""
+        self.stop(timeout=min(timeout, 0.5))
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._out:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._returned.wait(left)
+
     def listening(self) -> bool:
         """True if this process lends (its lending socket is up)."""
         return self._sock is not None
@@ -324,6 +344,7 @@ class Lender:
         # the parent's threads do not exist here; close our copies of its sockets (a
         # borrower of the parent's must see EOF when the parent ends, not when we do)
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
         sock, self._sock, self._address = self._sock, None, None
         self._thread = None
         loans, self._loans = self._loans, set()
@@ -375,6 +396,25 @@ def _portable(exc: BaseException) -> BaseException:
     except Exception:
         return MppoolsError(f"the lender's {type(exc).__name__}: {exc}")
     return exc
+
+
+def _quiesce_at_exit() -> None:
+    with contextlib.suppress(Exception):  # exiting: never raise from here
+        _lender.quiesce()
+
+
+def _register_exit_hook() -> None:
+    """Let this process's loans end before it exits: at interpreter exit (``atexit``), and
+    at the end of a multiprocessing or billiard child (celery's prefork pool), which leaves
+    through ``os._exit`` after running multiprocessing's finalizers. A process that is
+    killed, or calls ``os._exit`` itself, cuts its loans (the borrower's call raises
+    LoanLostError)."""
+    import atexit
+    from multiprocessing import util
+
+    atexit.unregister(_quiesce_at_exit)
+    atexit.register(_quiesce_at_exit)
+    util.Finalize(None, _quiesce_at_exit, exitpriority=100)
 
 
 _lender = Lender()

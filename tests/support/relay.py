@@ -114,6 +114,16 @@ class HoldingRelay:
                     link.held = bytearray()
         return len(links)
 
+    def held_bytes(self) -> int:
+        """Bytes held back so far (clients that sent something since :meth:`hold`)."""
+        with self._lock:
+            links = list(self._links)
+        total = 0
+        for link in links:
+            with link.lock:
+                total += len(link.held or b"")
+        return total
+
     def flush(self, timeout: float = 10.0) -> int:
         """Deliver what was held (and held closes); wait until the upstream closed each
         connection whose client had closed. Returns the bytes delivered."""
