@@ -151,14 +151,12 @@ class Keeper:
         quantum: hand it on if it is still idle a grace (:func:`idle_grace`) from now (no
         waiter has to ask).
         Called by the pools from any thread; one wake-up of the keeper per look. ``nudge``:
-        the connection is offered to the waiters (lending): wake the oldest one now."""
+        the connection may be lent (lending): wake the oldest waiter now to borrow it."""
         if nudge:
             _nudge_borrower()
         if token in self._deferred or self._sock is None:
             return
         self._deferred[token] = time.monotonic() + idle_grace()
-        if not nudge:
-            _nudge_borrower()
         sock = self._sock
         try:
             if self._poker is None:

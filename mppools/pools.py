@@ -130,6 +130,9 @@ class LimitedConnection(PooledConnection):
     #: are yet to be woken for it
     _mppools_offered: bool = False
     _mppools_offer_due: bool = False
+    #: the last release-to-release time seen while others waited: a connection reused
+    #: within MIN_LEND_CYCLE (a tight loop) is not lent (its own thread needs it back)
+    _mppools_cycle: float = float("inf")
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -152,6 +155,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_first_use = True
         self._mppools_uses = self._mppools_turn_uses = 0
         self._mppools_severed = self._mppools_offered = False
+        self._mppools_cycle = float("inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -225,8 +229,9 @@ class LimitedConnection(PooledConnection):
         being handed on now. A waiter that can borrow it does (the slot then needs no
         hand-over, the waiter no set-up); the next turn's end, or the keeper once the idle
         grace ran out, hands it on if nobody did. Lending it resets the offer."""
-        if self._mppools_offered or not _config.lending() or not _lending.lendable(
-                self._pool) or not _lending.lender().listening():
+        if (self._mppools_offered or self._mppools_cycle < _lending.MIN_LEND_CYCLE
+                or not _config.lending() or not _lending.lendable(self._pool)
+                or not _lending.lender().listening()):
             return False
         self._mppools_offered = self._mppools_offer_due = True
         return True
@@ -528,13 +533,17 @@ class LimitedConnectionPool(ConnectionPool):
                     resource._mppools_note_turn(now)
                     resource._mppools_close_taken()
                 else:
-                    resource._mppools_idle_since = now
+                    since, resource._mppools_idle_since = resource._mppools_idle_since, now
                     view[at] = STATE_IDLE
                     if pressure:
                         # someone waits and our quantum runs (or we are offered to the
-                        # waiters): if we stay idle, hand on soon
+                        # waiters): if we stay idle, hand on soon; a waiter may borrow it
+                        # unless it is reused at once (a tight loop)
+                        if since is not None:
+                            resource._mppools_cycle = now - since
                         offered, resource._mppools_offer_due = resource._mppools_offer_due, False
-                        keeper().look_again(resource._mppools_slot.token, nudge=offered)
+                        keeper().look_again(resource._mppools_slot.token, nudge=offered or (
+                            resource._mppools_cycle >= _lending.MIN_LEND_CYCLE))
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
@@ -549,11 +558,14 @@ class LimitedConnectionPool(ConnectionPool):
                 resource._mppools_note_turn(now)
                 resource._mppools_close_taken()
             else:
-                resource._mppools_idle_since = time.monotonic()
+                since, resource._mppools_idle_since = resource._mppools_idle_since, now
                 limiter.mark_idle(slot=resource._mppools_slot)
                 if limiter.under_pressure():
+                    if since is not None:
+                        resource._mppools_cycle = now - since
                     offered, resource._mppools_offer_due = resource._mppools_offer_due, False
-                    keeper().look_again(resource._mppools_slot.token, nudge=offered)
+                    keeper().look_again(resource._mppools_slot.token, nudge=offered or (
+                        resource._mppools_cycle >= _lending.MIN_LEND_CYCLE))
         # kombu's Resource.release, minus the discard done above
         if self.limit:
             self._resource.put_nowait(resource)

@@ -89,6 +89,12 @@ def fork_child(body: Callable[[], int]) -> int:
             with contextlib.suppress(BaseException):
                 traceback.print_exc()
         finally:
+            with contextlib.suppress(BaseException):
+                # what multiprocessing's and billiard's children do on their way out: let
+                # connections lent to other workers come back (os._exit would cut them)
+                from mppools._lending import lender
+
+                lender().quiesce()
             os._exit(code)
     return pid
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._borrow import BorrowedConnection, Loan, ask
+from ._borrow import MIN_LEND_CYCLE, BorrowedConnection, Loan, ask
 from ._lender import Lender, lendable, lender, pool_key
 
 __all__ = [
+    "MIN_LEND_CYCLE",
     "Borrowed",
     "BorrowedConnection",
     "Borrower",

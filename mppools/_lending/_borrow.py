@@ -34,12 +34,17 @@ from . import _wire
 __all__ = [
     "CALL_TIMEOUT",
     "LENDABLE_DRIVERS",
+    "MIN_LEND_CYCLE",
     "BorrowedConnection",
     "Loan",
     "ask",
     "borrowed_transport",
 ]
 
+#: a connection is lent only if its holder's last release-to-release time (under
+#: contention) was at least this long (seconds): one reused within it is in a tight loop,
+#: where a loan only makes its own thread wait for it
+MIN_LEND_CYCLE = 0.002
 #: transports whose connections are lent (their channels publish synchronously)
 LENDABLE_DRIVERS = frozenset({"redis", "amqp"})
 #: how long a lender may take to answer a borrow request (seconds): it answers from memory

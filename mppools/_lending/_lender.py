@@ -34,7 +34,7 @@ from kombu.utils.functional import lazy
 from mppools import _fork, _green
 
 from . import _wire
-from ._borrow import ASK_TIMEOUT, FORWARDED, LENDABLE_DRIVERS
+from ._borrow import ASK_TIMEOUT, FORWARDED, LENDABLE_DRIVERS, MIN_LEND_CYCLE
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -204,7 +204,8 @@ class Lender:
         for conn in keeper().held():
             slot = conn._mppools_slot
             if (slot is None or conn._mppools_severed or conn._connection is None
-                    or pool_key(conn._pool) != key or id(conn._pool) in self._claims):
+                    or pool_key(conn._pool) != key or id(conn._pool) in self._claims
+                    or self._in_tight_loop(conn)):
                 continue
             if conn._mppools_take_if_idle():
                 conn._mppools_idle_since = None
@@ -215,6 +216,15 @@ class Lender:
                     self._out.add(conn)
                 return conn
         return None
+
+    @staticmethod
+    def _in_tight_loop(conn: LimitedConnection) -> bool:
+        """Reused within MIN_LEND_CYCLE last time, and idle for less than that now: its own
+        thread will want it back at once."""
+        if conn._mppools_cycle >= MIN_LEND_CYCLE:
+            return False
+        since = conn._mppools_idle_since
+        return since is None or time.monotonic() - since < MIN_LEND_CYCLE
 
     def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
         """Run the borrower's calls until it ends the loan: None if it ended it (and waits
