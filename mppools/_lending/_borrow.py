@@ -33,6 +33,7 @@ from . import _wire
 
 __all__ = [
     "CALL_TIMEOUT",
+    "FRAME_TIMEOUT",
     "LENDABLE_DRIVERS",
     "MIN_LEND_CYCLE",
     "BorrowedConnection",
@@ -47,8 +48,13 @@ __all__ = [
 MIN_LEND_CYCLE = 0.002
 #: transports whose connections are lent (their channels publish synchronously)
 LENDABLE_DRIVERS = frozenset({"redis", "amqp"})
-#: how long a lender may take to answer a borrow request (seconds): it answers from memory
-ASK_TIMEOUT = 0.5
+#: how long a lender may take to answer a borrow request (seconds): it answers from memory,
+#: at once if it is idle; one too busy to answer sooner (its own thread holds the GIL) is
+#: not one to borrow from
+ASK_TIMEOUT = 0.01
+#: how long either end waits for the other's frame outside a call: a borrow request after
+#: the connect, the lender's answer to ``end`` (seconds)
+FRAME_TIMEOUT = 0.5
 #: how long one forwarded call may take at most (a publish with confirms to a slow broker
 #: included) before the loan counts as lost
 CALL_TIMEOUT = 60.0
@@ -114,7 +120,7 @@ class Loan:
         if sock is None:
             return
         try:
-            sock.settimeout(ASK_TIMEOUT)
+            sock.settimeout(FRAME_TIMEOUT)
             _wire.send(sock, ("end", tuple(self.declared - self.known)))
             # the lender answers once the connection is back in its pool (idle): a borrow
             # right after this one finds it there

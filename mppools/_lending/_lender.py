@@ -34,7 +34,7 @@ from kombu.utils.functional import lazy
 from mppools import _fork, _green
 
 from . import _wire
-from ._borrow import ASK_TIMEOUT, FORWARDED, LENDABLE_DRIVERS, MIN_LEND_CYCLE
+from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_CYCLE
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -158,7 +158,7 @@ class Lender:
         try:
             if not _wire.peer_trusted(peer):
                 raise _wire.WireError("a peer of another uid")
-            peer.settimeout(ASK_TIMEOUT)
+            peer.settimeout(FRAME_TIMEOUT)
             request = _wire.recv(peer)
             if isinstance(request, tuple) and len(request) == 2 and request[0] == "borrow":
                 conn = self._take(str(request[1]))

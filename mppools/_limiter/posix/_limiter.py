@@ -493,6 +493,7 @@ class PosixLimiter(Limiter):
         unwatchable: set[tuple[int, int]] = set()
         try:
             audit = False
+            lend = True
             while True:
                 wakes: list[str] = []
                 with self._locked():
@@ -515,9 +516,12 @@ class PosixLimiter(Limiter):
                     holders = self._table.used_slots()
                     waiting = self._table.waiting()
                 _wait.notify(wakes)
-                if on_wait is not None and any(
+                if lend and on_wait is not None and any(
                         r.state == SlotState.IDLE and r.owner != me.owner for r in holders):
+                    # at the start, and when nudged (an idle connection that may be lent;
+                    # not at every slice: asking a busy process costs both sides)
                     on_wait()  # may leave the wait by raising (a loan came through)
+                lend = False
                 self._request_yields(holders, max(waiting, 1))
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -530,7 +534,7 @@ class PosixLimiter(Limiter):
                     unwatchable |= gone
                     audit = True
                     continue
-                woken, died = _wait.sleep(sock, watched.values(), wait_for)
+                woken, died, lend = _wait.sleep(sock, watched.values(), wait_for)
                 audit = died or not woken
             # out of time: a hand-off may still have raced in
             with self._locked():
@@ -752,7 +756,7 @@ class PosixLimiter(Limiter):
             if index < 0:
                 return
             nonce = self._table.read_waiter(index).nonce
-        _wait.notify([waiter_path(self.name, nonce)])
+        _wait.notify([waiter_path(self.name, nonce)], kind=_wait.NUDGE)
 
     def lend_address(self) -> str:
         return lend_path(self.name, _self.me().owner)

@@ -26,12 +26,15 @@ from mppools._liveness import is_alive
 
 from ._names import waiter_path
 
-__all__ = ["MAX_WATCHED", "SLICE", "Watcher", "bind_waiter", "close_waiter", "notify", "sleep"]
+__all__ = ["MAX_WATCHED", "NUDGE", "SLICE", "Watcher", "bind_waiter", "close_waiter", "notify",
+           "sleep"]
 
 #: seconds a waiter sleeps at most before it audits and re-sends its idle-yield requests
 SLICE = 0.1
 #: pidfds of holders one process keeps open at most, for all its waiting threads together
 MAX_WATCHED = 64
+#: the wake-up datagram of a nudge (lending), as against a grant's
+NUDGE = b"n"
 
 
 class Watcher:
@@ -136,24 +139,28 @@ def close_waiter(name: str, nonce: int, sock: socket.socket) -> None:
     sock.close()
 
 
-def sleep(sock: socket.socket, fds: Iterable[int], timeout: float) -> tuple[bool, bool]:
+def sleep(sock: socket.socket, fds: Iterable[int], timeout: float,
+          ) -> tuple[bool, bool, bool]:
     """Sleep until woken through ``sock``, a pidfd in ``fds`` is readable, or ``timeout``.
 
-    Returns ``(woken, holder died)``. Wake-up datagrams are drained.
+    Returns ``(woken, holder died, nudged)``: nudged if one of the wake-ups was a
+    :func:`nudge` (a connection went idle that may be lent). Wake-up datagrams are drained.
     """
     sfd = sock.fileno()
     ready = _green.wait_readable([sfd, *fds], max(timeout, 0.0))
     woken = sfd in ready
     died = any(fd != sfd for fd in ready)
+    nudged = False
     if woken:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while True:
-                sock.recv(64)
-    return woken, died
+                nudged = sock.recv(64) == NUDGE or nudged
+    return woken, died, nudged
 
 
-def notify(paths: Iterable[str]) -> None:
-    """Wake the waiters bound at ``paths`` (one that just left or died is covered by audits)."""
+def notify(paths: Iterable[str], *, kind: bytes = b"g") -> None:
+    """Wake the waiters bound at ``paths`` (one that just left or died is covered by audits);
+    ``kind`` :data:`NUDGE`: a connection went idle that the waiter may borrow."""
     paths = list(paths)
     if not paths:
         return
@@ -161,4 +168,4 @@ def notify(paths: Iterable[str]) -> None:
         s.setblocking(False)
         for path in paths:
             with contextlib.suppress(OSError):
-                s.sendto(b"g", path)
+                s.sendto(kind, path)
