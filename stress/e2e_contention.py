@@ -432,6 +432,8 @@ def _run(kind: str, url: str, workers: int, limit: int, window: float, proxy: De
             kw: dict[str, Any] = {}
             if quantum is not None and has_hold_quantum():
                 kw["hold_quantum"] = quantum
+            if os.environ.get("MPPOOLS_LEND", "").strip() == "0":
+                kw["lend"] = False  # A/B: the same mppools without lending
             lim = mppools.configure(limit=limit, name=budget_name(),
                                     acquire_timeout=ACQUIRE_TIMEOUT, **kw)
             effective_q = getattr(lim, "hold_quantum", None)
