@@ -55,7 +55,7 @@ IDLE_GRACE = 0.002
 MAX_IDLE_GRACE = 0.05
 #: how long an idle connection offered to the waiters (lending) stays idle before the keeper
 #: hands it on, if nobody borrowed it and someone still waits (seconds)
-OFFER_WAIT = 0.005
+OFFER_WAIT = 0.003
 #: how long a connection in use may finish what it does (a publish) after a sever request
 #: before its sockets are cut (seconds; well inside the cross-host fencing margin)
 SEVER_GRACE = 0.05

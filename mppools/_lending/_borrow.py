@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import os
-import select
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 from kombu.connection import Connection
 from kombu.transport.base import StdChannel, Transport
 
+from mppools import _green
 from mppools._errors import LoanLostError, MppoolsError
 
 from . import _wire
@@ -108,9 +108,8 @@ class Loan:
         """True if the lender closed the loan (EOF or reset waiting to be read): between
         two calls nothing else may arrive."""
         try:
-            poller = select.poll()  # a zero timeout: never waits, green or not
-            poller.register(sock.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
+            # a zero timeout never waits (nor yields to a hub), patched or not
+            return bool(_green.wait_readable([sock.fileno()], 0))
         except (OSError, ValueError):
             return True
 
