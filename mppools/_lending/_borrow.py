@@ -101,7 +101,11 @@ class Loan:
             self.end()
             raise LoanLostError(f"the connection borrowed from pid {self.lender_pid} broke "
                                 f"at the lender: {value}")
-        raise value
+        if kind == "err" and isinstance(value, BaseException):
+            raise value  # what the call raised at the lender (a broker's channel error)
+        self.end()
+        raise LoanLostError(f"the lender (pid {self.lender_pid}) answered {kind!r}: not a "
+                            "loan's reply")
 
     @staticmethod
     def _gone(sock: socket.socket) -> bool:

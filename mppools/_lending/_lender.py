@@ -189,6 +189,12 @@ class Lender:
         except OSError:
             if lent is not None:  # the borrower went away mid-call
                 self._give_back(lent, broken=False)
+        except Exception:
+            # not expected: never keep the connection out for good; closed, as its
+            # channel's state is unknown (the slot goes back)
+            logger.exception("mppools: a loan failed")
+            if lent is not None:
+                self._give_back(lent, broken=True)
         finally:
             with self._lock:
                 self._loans.discard(peer)
