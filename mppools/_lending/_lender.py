@@ -144,11 +144,24 @@ class Lender:
                 except OSError:
                     return
                 conn = self._answer(peer)
-                if conn is not None:
+                if conn is None:
+                    continue
+                if self._only_lendable(conn):
+                    # nothing else here to lend meanwhile (a sync worker's one connection):
+                    # carry the loan in this thread, no thread to start
+                    self._serve(peer, conn)
+                else:
                     threading.Thread(target=self._serve, args=(peer, conn),
                                      name="mppools-loan", daemon=True).start()
         finally:
             sock.close()
+
+    @staticmethod
+    def _only_lendable(conn: LimitedConnection) -> bool:
+        """True if ``conn`` is the only connection with a slot in this process."""
+        from mppools._keeper import keeper
+
+        return all(c is conn for c in keeper().held())
 
     # one loan ----------------------------------------------------------------------------------
     def _answer(self, peer: socket.socket) -> LimitedConnection | None:
