@@ -469,3 +469,24 @@ def test_memory_transport_does_not_lend(budget_name: str) -> None:
     finally:
         lender.kill()
         borrower.kill()
+
+
+@pytest.mark.redis
+def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name: str) -> None:
+    """A connection reused within MIN_LEND_CYCLE of its previous release while others wait,
+    and idle for less than that now, is not lent (its own thread wants it back at once);
+    one that has been idle longer is."""
+    from mppools._lending import MIN_LEND_CYCLE, lender, pool_key
+
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    _hold_idle(redis_server.url, f"tight-{budget_name}")
+    pool = pools.connections[Connection(redis_server.url)]
+    (conn,) = [c for c in pool._resource.queue if getattr(c, "_mppools_slot", None)]
+    conn._mppools_cycle = MIN_LEND_CYCLE / 10
+    conn._mppools_idle_since = time.monotonic()
+    assert lender()._take(pool_key(pool)) is None
+    conn._mppools_idle_since = time.monotonic() - 2 * MIN_LEND_CYCLE  # idle for a while now
+    taken = lender()._take(pool_key(pool))
+    assert taken is conn
+    lender()._give_back(conn, broken=False)
+    assert conn in list(pool._resource.queue)
