@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -36,6 +37,34 @@ def broker(request: pytest.FixtureRequest) -> Iterator[tuple[str, CountingProxy]
         yield server.url, proxy
     finally:
         proxy.close()
+
+
+@dataclass
+class Pair:
+    """A budget of one slot, a lender holding it idle (one message published) and a
+    borrower, both forked workers (killed after the test)."""
+
+    direct: str
+    proxy: CountingProxy
+    url: str
+    name: str
+    lender: Worker
+    borrower: Worker
+
+
+@pytest.fixture
+def pair(broker: tuple[str, CountingProxy], budget_name: str) -> Iterator[Pair]:
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None, acquire_timeout=5)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        name = f"q-{budget_name}"
+        assert lender.call("hold_idle", url, name) == lender.pid
+        yield Pair(direct, proxy, url, name, lender, borrower)
+    finally:
+        lender.kill()
+        borrower.kill()
 
 
 def _queue(name: str) -> Queue:
@@ -156,67 +185,39 @@ def _wait_for(fn: Any, want: Any, timeout: float = 10.0) -> Any:
 
 
 # the tests -----------------------------------------------------------------------------------
-def test_publish_and_declare_through_a_loan_open_no_connection(
-        broker: tuple[str, CountingProxy], budget_name: str) -> None:
-    direct, proxy = broker
-    url = proxy.url_for(direct)
-    name = f"lend-{budget_name}"
-    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
-    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
-    try:
-        lender.call("hold_idle", url, name)
-        opened = proxy.total_accepted
-        for i in range(20):
-            assert borrower.call("publish", url, name, {"i": i}) == "BorrowedConnection"
-        assert proxy.total_accepted == opened, "a loan opened a broker connection"
-        assert proxy.peak <= 1
-        assert _count(direct, name) == 21
-        # the lent connection is back, idle, in the lender's pool
-        assert _wait_for(lambda: lender.call("idle_held", url), 1) == 1
-    finally:
-        lender.kill()
-        borrower.kill()
+def test_publish_and_declare_through_a_loan_open_no_connection(pair: Pair) -> None:
+    opened = pair.proxy.total_accepted
+    for i in range(20):
+        assert pair.borrower.call("publish", pair.url, pair.name, {"i": i}) == \
+            "BorrowedConnection"
+    assert pair.proxy.total_accepted == opened, "a loan opened a broker connection"
+    assert pair.proxy.peak <= 1
+    assert _count(pair.direct, pair.name) == 21
+    # the lent connection is back, idle, in the lender's pool
+    assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 1) == 1
 
 
-def test_declarations_are_cached_across_loans(broker: tuple[str, CountingProxy],
-                                              budget_name: str) -> None:
+def test_declarations_are_cached_across_loans(pair: Pair) -> None:
     """What the lender's connection declared is not declared again through a loan, and what
     a loan declared is known to the next loan (kombu's cache is per connection: the lender's
     connection's)."""
-    direct, proxy = broker
-    url = proxy.url_for(direct)
-    first, second = f"c1-{budget_name}", f"c2-{budget_name}"
-    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
-    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
-    try:
-        lender.call("hold_idle", url, first)
-        for i in range(3):
-            assert borrower.call("publish", url, first, {"i": i}) == "BorrowedConnection"
-        calls = lender.call("lender_calls")
-        assert calls.get("publish") == 3 and "queue_declare" not in calls, calls
-        for i in range(3):
-            assert borrower.call("publish", url, second, {"i": i}) == "BorrowedConnection"
-        calls = lender.call("lender_calls")
-        assert calls.get("publish") == 6 and calls.get("queue_declare") == 1, calls
-        assert _count(direct, second) == 3
-    finally:
-        lender.kill()
-        borrower.kill()
+    other = f"{pair.name}-2"
+    for i in range(3):
+        assert pair.borrower.call("publish", pair.url, pair.name, {"i": i}) == \
+            "BorrowedConnection"
+    calls = pair.lender.call("lender_calls")
+    assert calls.get("publish") == 3 and "queue_declare" not in calls, calls
+    for i in range(3):
+        assert pair.borrower.call("publish", pair.url, other, {"i": i}) == \
+            "BorrowedConnection"
+    calls = pair.lender.call("lender_calls")
+    assert calls.get("publish") == 6 and calls.get("queue_declare") == 1, calls
+    assert _count(pair.direct, other) == 3
 
 
-def test_a_borrowed_connection_only_publishes(broker: tuple[str, CountingProxy],
-                                              budget_name: str) -> None:
-    direct, proxy = broker
-    url = proxy.url_for(direct)
-    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
-    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
-    try:
-        lender.call("hold_idle", url, f"only-{budget_name}")
-        said = borrower.call("consume", url)
-        assert said.startswith("AttributeError") and "only publishes" in said, said
-    finally:
-        lender.kill()
-        borrower.kill()
+def test_a_borrowed_connection_only_publishes(pair: Pair) -> None:
+    said = pair.borrower.call("consume", pair.url)
+    assert said.startswith("AttributeError") and "only publishes" in said, said
 
 
 def test_lender_gone_between_calls_the_call_goes_to_another_lender(
@@ -276,50 +277,28 @@ def test_lender_killed_mid_call_fails_recoverably_and_retry_borrows_again(
         relay.close()
 
 
-def test_borrower_killed_mid_loan_gives_the_connection_back(
-        broker: tuple[str, CountingProxy], budget_name: str) -> None:
-    direct, proxy = broker
-    url = proxy.url_for(direct)
-    name = f"bkill-{budget_name}"
-    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
-    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
-    try:
-        lender.call("hold_idle", url, name)
-        opened = proxy.total_accepted
-        assert borrower.call("take", url) == lender.pid
-        assert lender.call("idle_held", url) == 0  # out on loan
-        borrower.kill()
-        assert _wait_for(lambda: lender.call("idle_held", url), 1) == 1
-        assert proxy.total_accepted == opened  # the same connection, not a new one
-        assert mppools.stats().in_use == 1
-    finally:
-        lender.kill()
-        borrower.kill()
+def test_borrower_killed_mid_loan_gives_the_connection_back(pair: Pair) -> None:
+    opened = pair.proxy.total_accepted
+    assert pair.borrower.call("take", pair.url) == pair.lender.pid
+    assert pair.lender.call("idle_held", pair.url) == 0  # out on loan
+    pair.borrower.kill()
+    assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 1) == 1
+    assert pair.proxy.total_accepted == opened  # the same connection, not a new one
+    assert mppools.stats().in_use == 1
 
 
-def test_a_lenders_own_thread_gets_its_connection_back_from_the_loan(
-        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+def test_a_lenders_own_thread_gets_its_connection_back_from_the_loan(pair: Pair) -> None:
     """Regression: the lender's own thread, needing its pool while its only connection is
     out on loan, waited for a slot its own connection held (LimitExceeded after the acquire
     timeout); now it waits for the loan to end and takes its connection back directly."""
-    direct, proxy = broker
-    url = proxy.url_for(direct)
-    name = f"back-{budget_name}"
-    mppools.configure(limit=1, name=budget_name, idle_timeout=None, acquire_timeout=5)
-    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
-    try:
-        lender.call("hold_idle", url, name)
-        opened = proxy.total_accepted
-        assert borrower.call("take", url) == lender.pid
-        lender.call("publish_in_thread", url, name)
-        assert _wait_for(lambda: lender.call("claims"), 1) == 1
-        borrower.call("release_held")
-        assert lender.call("join") == "LimitedConnection"
-        assert proxy.total_accepted == opened
-        assert _count(direct, name) == 2
-    finally:
-        lender.kill()
-        borrower.kill()
+    opened = pair.proxy.total_accepted
+    assert pair.borrower.call("take", pair.url) == pair.lender.pid
+    pair.lender.call("publish_in_thread", pair.url, pair.name)
+    assert _wait_for(lambda: pair.lender.call("claims"), 1) == 1
+    pair.borrower.call("release_held")
+    assert pair.lender.call("join") == "LimitedConnection"
+    assert pair.proxy.total_accepted == opened
+    assert _count(pair.direct, pair.name) == 2
 
 
 def _mp_lender(url: str, name: str, ready: Any, go: Any) -> None:
