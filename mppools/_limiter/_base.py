@@ -177,9 +177,10 @@ class Limiter(abc.ABC):
 
         ``timeout=None`` waits for the budget's configured ``acquire_timeout``. Waiters are
         served in the order they came (FIFO); a slot given back goes to the oldest waiter.
-        ``on_wait`` is called each time the wait wakes without a slot, the first time before
-        it sleeps (a backend may never call it); an exception it raises ends the wait (what
-        was granted meanwhile is given back) and propagates: lending leaves a wait so.
+        ``on_wait`` is called when no slot is free, before the wait starts, and again
+        whenever the wait learns that a connection may be lent (a backend may never call
+        it); an exception it raises ends the wait (what was granted meanwhile is given back)
+        and propagates: lending leaves a wait so.
 
         Raises:
             LimitExceeded: no slot in time (at once if ``block`` is false).

@@ -481,6 +481,10 @@ class PosixLimiter(Limiter):
             return slot
         if not block:
             raise self._exceeded(started, block=False)
+        if on_wait is not None:
+            # before waiting, so a loan that comes through at once never shows as a waiter
+            # (the pressure flag would make holders hand on at their turn's end)
+            on_wait()
         deadline = None if timeout is None else started + timeout
         return self._wait(me, started, deadline, on_wait)
 
@@ -493,7 +497,7 @@ class PosixLimiter(Limiter):
         unwatchable: set[tuple[int, int]] = set()
         try:
             audit = False
-            lend = True
+            lend = False  # acquire() asked before the wait; from now on, when nudged
             while True:
                 wakes: list[str] = []
                 with self._locked():
@@ -518,8 +522,8 @@ class PosixLimiter(Limiter):
                 _wait.notify(wakes)
                 if lend and on_wait is not None and any(
                         r.state == SlotState.IDLE and r.owner != me.owner for r in holders):
-                    # at the start, and when nudged (an idle connection that may be lent;
-                    # not at every slice: asking a busy process costs both sides)
+                    # when nudged (an idle connection that may be lent; not at every
+                    # slice: asking a busy process costs both sides)
                     on_wait()  # may leave the wait by raising (a loan came through)
                 lend = False
                 self._request_yields(holders, max(waiting, 1))
