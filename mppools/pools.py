@@ -679,15 +679,17 @@ class ProducerPool(_kombu_pools.ProducerPool):
 
     def _acquire_connection(self, deadline: float | None = None) -> Any:
         pool = self.connections
-        timeout = None if deadline is None else _remaining(deadline)
-        if not isinstance(pool, LimitedConnectionPool):
-            return pool.acquire(block=True, timeout=timeout)
-        try:
-            return pool.acquire(block=True, timeout=timeout, lend=True)
-        except _lending.Borrowed as borrowed:
-            # no free slot, and another process had an idle connection to the same broker:
-            # publish through it (released with the producer, which ends the loan)
-            return borrowed.connection
+        if isinstance(pool, LimitedConnectionPool):
+            try:
+                return pool.acquire(True, None if deadline is None else _remaining(deadline),
+                                    lend=True)
+            except _lending.Borrowed as borrowed:
+                # no free slot, and another process had an idle connection to the same
+                # broker: publish through it (released with the producer: the loan ends)
+                return borrowed.connection
+        if deadline is None:
+            return pool.acquire(block=True)
+        return pool.acquire(block=True, timeout=_remaining(deadline))
 
     def release(self, resource: Any) -> None:
         """Give a producer back; its connection goes back to its pool.
