@@ -236,6 +236,19 @@ class LimitedConnection(PooledConnection):
         self._mppools_offered = self._mppools_offer_due = True
         return True
 
+    def _mppools_idle_while_waited_for(self, since: float | None, now: float) -> None:
+        """Released to the pool (idle) while someone waits, inside its quantum or offered to
+        the waiters: the keeper hands it on if it stays idle; a waiter is nudged to borrow it
+        unless it is reused at once (a tight loop: released ``since`` less than
+        MIN_LEND_CYCLE ago)."""
+        if since is not None:
+            self._mppools_cycle = now - since
+        offered, self._mppools_offer_due = self._mppools_offer_due, False
+        slot = self._mppools_slot
+        if slot is not None:
+            keeper().look_again(slot.token, nudge=offered or (
+                self._mppools_cycle >= _lending.MIN_LEND_CYCLE))
+
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
         self._mppools_slot = self._mppools_limiter = None
@@ -536,14 +549,7 @@ class LimitedConnectionPool(ConnectionPool):
                     since, resource._mppools_idle_since = resource._mppools_idle_since, now
                     view[at] = STATE_IDLE
                     if pressure:
-                        # someone waits and our quantum runs (or we are offered to the
-                        # waiters): if we stay idle, hand on soon; a waiter may borrow it
-                        # unless it is reused at once (a tight loop)
-                        if since is not None:
-                            resource._mppools_cycle = now - since
-                        offered, resource._mppools_offer_due = resource._mppools_offer_due, False
-                        keeper().look_again(resource._mppools_slot.token, nudge=offered or (
-                            resource._mppools_cycle >= _lending.MIN_LEND_CYCLE))
+                        resource._mppools_idle_while_waited_for(since, now)
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
@@ -561,11 +567,7 @@ class LimitedConnectionPool(ConnectionPool):
                 since, resource._mppools_idle_since = resource._mppools_idle_since, now
                 limiter.mark_idle(slot=resource._mppools_slot)
                 if limiter.under_pressure():
-                    if since is not None:
-                        resource._mppools_cycle = now - since
-                    offered, resource._mppools_offer_due = resource._mppools_offer_due, False
-                    keeper().look_again(resource._mppools_slot.token, nudge=offered or (
-                        resource._mppools_cycle >= _lending.MIN_LEND_CYCLE))
+                    resource._mppools_idle_while_waited_for(since, now)
         # kombu's Resource.release, minus the discard done above
         if self.limit:
             self._resource.put_nowait(resource)

@@ -161,6 +161,35 @@ def _join() -> str:
     return str(_held.pop("result"))
 
 
+def _hold_idle_raw(url: str) -> int:
+    """Connect a pooled connection without a producer (``connections.acquire()``), leave it
+    idle in this process's pool."""
+    conn = pools.connections[Connection(url)].acquire(block=True, timeout=10)
+    try:
+        conn.default_channel  # noqa: B018 - connects
+    finally:
+        conn.release()
+    return os.getpid()
+
+
+def _fork_while_lent() -> tuple[int, bool]:
+    """Fork while this process's connection is out on loan: (sockets of it, whether the
+    child found every one of them detached, i.e. dropped without I/O)."""
+    from mppools._fork import walk_sockets
+    from mppools._lending import lender
+
+    (conn,) = list(lender()._out)
+    socks = walk_sockets(conn)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0 if all(s.fileno() == -1 for s in socks) else 1)
+    os.close(r)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    return len(socks), os.waitstatus_to_exitcode(status) == 0
+
+
 def _lender_calls() -> dict[str, int]:
     from mppools._lending import lender
 
@@ -171,7 +200,7 @@ _HANDLERS = {
     "lender_calls": _lender_calls, "publish_in_thread": _publish_in_thread, "claims": _claims,
     "join": _join, "hold_idle": _hold_idle, "idle_held": _idle_held, "publish": _publish,
     "take": _take, "publish_held": _publish_held, "release_held": _release_held,
-    "consume": _consume,
+    "consume": _consume, "fork_while_lent": _fork_while_lent, "hold_idle_raw": _hold_idle_raw,
 }
 
 
@@ -213,6 +242,30 @@ def test_declarations_are_cached_across_loans(pair: Pair) -> None:
     calls = pair.lender.call("lender_calls")
     assert calls.get("publish") == 6 and calls.get("queue_declare") == 1, calls
     assert _count(pair.direct, other) == 3
+
+
+def test_a_fork_of_the_lender_drops_the_lent_connection_without_io(
+        broker: tuple[str, CountingProxy], budget_name: str) -> None:
+    """Regression (promise 5): a connection out on loan is in no pool, so no pool's fork
+    handler dropped it in the lender's children (unless a producer of the lender happened
+    to reach it); now the lender's own handler drops it (no I/O), and the parent's loan
+    carries on."""
+    direct, proxy = broker
+    url = proxy.url_for(direct)
+    name = f"fork-{budget_name}"
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    lender, borrower = Worker(_HANDLERS), Worker(_HANDLERS)
+    try:
+        assert lender.call("hold_idle_raw", url) == lender.pid
+        assert borrower.call("take", url) == lender.pid
+        socks, dropped = lender.call("fork_while_lent")
+        assert socks >= 1 and dropped, (socks, dropped)
+        assert borrower.call("publish_held", name, False) == ("ok", lender.pid)
+        borrower.call("release_held")
+        assert _count(direct, name) == 1
+    finally:
+        lender.kill()
+        borrower.kill()
 
 
 def test_a_borrowed_connection_only_publishes(pair: Pair) -> None:

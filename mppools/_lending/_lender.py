@@ -83,8 +83,7 @@ class Lender:
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
         self._claims: dict[int, collections.deque[_Claim]] = {}
-        #: loans made, and the calls run for borrowers by kind ("publish", "queue_declare")
-        self.lent = 0
+        #: the calls run for borrowers, by kind ("publish", "queue_declare")
         self.calls: collections.Counter[str] = collections.Counter()
 
     # the socket ------------------------------------------------------------------------------
@@ -181,7 +180,6 @@ class Lender:
                 _wire.send(peer, ("lent", os.getpid(), tuple(conn.declared_entities)))
                 with self._lock:
                     self._loans.add(peer)
-                self.lent += 1
                 return conn
         except OSError:
             if conn is not None:
@@ -361,10 +359,6 @@ class Lender:
         """True if this process lends (its lending socket is up)."""
         return self._sock is not None
 
-    def lent_out(self) -> list[LimitedConnection]:
-        with self._lock:
-            return list(self._out)
-
     def lending_from(self, pool: Any) -> bool:
         """True if a connection of ``pool`` is out on loan now (cheap: no lock)."""
         return bool(self._out) and any(c._pool is pool for c in list(self._out))
@@ -377,9 +371,13 @@ class Lender:
         sock, self._sock, self._address = self._sock, None, None
         self._thread = None
         loans, self._loans = self._loans, set()
+        # the parent's connections out on loan: in no pool here, so no pool's own handler
+        # drops them; done as for those (no I/O, kept referenced so no finalizer runs)
+        for conn in self._out:
+            conn._mppools_drop_inherited()
+            _fork.bury(conn)
         self._out = set()
         self._claims = {}
-        self.lent = 0
         self.calls = collections.Counter()
         for s in [*loans, *([sock] if sock is not None else [])]:
             with contextlib.suppress(OSError):
