@@ -484,8 +484,8 @@ try:
 except OSError as exc:
     out({"connect": type(exc).__name__})
     sys.exit(0)
-s.sendall(struct.pack(">I", len(data)) + data)
 try:
+    s.sendall(struct.pack(">I", len(data)) + data)
     reply = s.recv(65536)
 except OSError as exc:
     reply = type(exc).__name__.encode()
@@ -529,8 +529,10 @@ def test_other_user_gets_no_loan(attacker: OtherUser, budget_name: str,
     try:
         key = victim.call("lend")
         res = attacker.call(_BORROW, {"path": path, "key": key}, timeout=60)
-        # closed unanswered: EOF, or a reset (it closed with the request unread)
-        assert res["connect"] == "ok" and res["reply"] in ("", "ConnectionResetError"), res
+        # closed unanswered: EOF, a reset (closed with the request unread), or a broken
+        # pipe (closed before the request was written: the peer check needs no request)
+        assert res["connect"] == "ok" and res["reply"] in (
+            "", "ConnectionResetError", "BrokenPipeError"), res
         assert victim.call("idle") == 1
     finally:
         victim.kill()
