@@ -39,6 +39,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from mppools import _fork, _green, _yield
+from mppools._limiter._base import Offer
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -53,9 +54,6 @@ IDLE_GRACE = 0.002
 #: ... but a connection used more often than a hand-over costs is worth keeping: the grace
 #: grows to the budget's hand-over cost (what a waiter would pay to reconnect), up to this
 MAX_IDLE_GRACE = 0.05
-#: how long an idle connection offered to the waiters (lending) stays idle before the keeper
-#: hands it on, if nobody borrowed it and someone still waits (seconds)
-OFFER_WAIT = 0.003
 #: how long a connection in use may finish what it does (a publish) after a sever request
 #: before its sockets are cut (seconds; well inside the cross-host fencing margin)
 SEVER_GRACE = 0.05
@@ -91,16 +89,14 @@ def _someone_waits() -> bool:
     return limiter is not None and limiter.waiting_flag()
 
 
-def _nudge_borrower() -> None:
-    """A connection went idle while someone waits: with lending on, wake the oldest waiter
-    at once, so that it borrows the connection (no set-up) before the grace runs out and
-    the slot is handed over (a set-up)."""
-    from mppools import _config
+def _offer(conn: LimitedConnection) -> Offer:
+    """Lending: offer ``conn``, idle while someone waits, to the head of the queue (see
+    ``Lender.offer``); HAND_OVER when lending is off or its transport does not lend."""
+    from mppools import _config, _lending
 
-    limiter = _config.current()
-    if limiter is not None and _config.lending():
-        with contextlib.suppress(Exception):  # a nudge is only ever a hint
-            limiter.nudge_waiter()
+    if not (_config.lending() and _lending.lendable(conn._pool)):
+        return Offer.HAND_OVER
+    return _lending.lender().offer(conn)
 
 
 class Keeper:
@@ -146,14 +142,11 @@ class Keeper:
             with self._lock:
                 self._starting = False
 
-    def look_again(self, token: int, *, nudge: bool = False) -> None:
+    def look_again(self, token: int) -> None:
         """The connection holding ``token`` went idle while someone waits, inside its hold
         quantum: hand it on if it is still idle a grace (:func:`idle_grace`) from now (no
         waiter has to ask).
-        Called by the pools from any thread; one wake-up of the keeper per look. ``nudge``:
-        the connection may be lent (lending): wake the oldest waiter now to borrow it."""
-        if nudge:
-            _nudge_borrower()
+        Called by the pools from any thread; one wake-up of the keeper per look."""
         if token in self._deferred or self._sock is None:
             return
         self._deferred[token] = time.monotonic() + idle_grace()
@@ -329,12 +322,14 @@ class Keeper:
         if now < ready_at and not conn._mppools_turn_done(now):
             self._deferred[token] = ready_at
             return
-        if conn._mppools_idle_since is not None and conn._mppools_offer():
-            # lending: let the waiters borrow it first (one nudge); hand it on only if it
-            # is still idle, with someone waiting, OFFER_WAIT from now
-            _nudge_borrower()
-            self._deferred[token] = now + OFFER_WAIT
-            return
+        if conn._mppools_idle_since is not None:
+            outcome = _offer(conn)
+            if outcome is Offer.MADE:
+                return  # kept for the head of the queue: no hand-over
+            if outcome is Offer.NOT_NEEDED:
+                # every waiter has an offer out: look again in a grace
+                self._deferred[token] = now + idle_grace()
+                return
         if conn._mppools_take_if_idle():
             self.yielded += 1
             limiter = conn._mppools_limiter

@@ -34,6 +34,10 @@ Byte 0 of the segment is also the byte the cross-process mutex locks (``fcntl.lo
 Every read-modify-write of the tables happens under that mutex, with one exception: a process
 stores the IDLE/BUSY state byte of a slot it owns (one byte, no lock), so waiters can tell
 idle slots from busy ones.
+
+A WAITING entry uses its two grant fields for lending (docs/concepts.md, "Lending"): the
+grant token holds the digest of the connections the waiter may borrow (0: it cannot borrow),
+the grant index is non-zero while a loan is offered to it. A grant overwrites both.
 """
 
 from __future__ import annotations
@@ -188,6 +192,16 @@ class WaiterRecord:
     def token_at(self) -> int:
         return WAITER_TOKENS_AT + self.index
 
+    @property
+    def wants(self) -> int:
+        """While WAITING: the digest of the connections it may borrow (0: none)."""
+        return self.granted_token if self.state == WaiterState.WAITING else 0
+
+    @property
+    def offered(self) -> bool:
+        """While WAITING: a loan is offered to it (it is not offered another meanwhile)."""
+        return self.state == WaiterState.WAITING and self.granted_index != 0
+
 
 #: byte offsets of the header fields read or bumped on their own
 LIMIT_AT: Final = 32
@@ -215,6 +229,9 @@ _USED = re.compile(b"[^\x00]")
 _WAITING = re.compile(b"\x01")
 # the ticket's offset inside a waiter record (after state, pad, pid, start, nonce)
 _TICKET_OFFSET = struct.calcsize("<B3xIQQ")
+# the grant index's offset inside a waiter record (after state, pad, pid, start, nonce,
+# ticket): a WAITING entry's offer mark
+_OFFER_OFFSET = struct.calcsize("<B3xIQQQ")
 # the proof's offset inside a slot record (after state, pad, pid, start, token, since, owner, ns)
 _PROOF_OFFSET = struct.calcsize("<B3xIQQdQQ")
 _FIXED = struct.Struct("<8sIIIIII")
@@ -494,6 +511,36 @@ class Table:
             if best < 0 or ticket < best_ticket:
                 best, best_ticket = i, ticket
         return best
+
+    def oldest_to_offer(self, wants: int, not_owner: int) -> int:
+        """Index of the waiter a loan of ``wants`` goes to: the oldest WAITING entry without
+        an offer out, if it may borrow ``wants`` and is not of ``not_owner``; -1 if that
+        entry cannot borrow it; -2 if every WAITING entry has an offer out (or none waits).
+
+        Only the head of the queue (offered entries aside) is offered a loan: a waiter that
+        cannot borrow (another broker, lending off, a raw connection) keeps its place, and
+        the connection is handed over to it instead.
+        """
+        for index in sorted(self.waiting_indexes(), key=self._ticket_at):
+            w = self.read_waiter(index)
+            if w.offered:
+                continue
+            return index if w.wants == wants and w.owner != not_owner else -1
+        return -2
+
+    def waiting_indexes(self) -> list[int]:
+        return [m.start() for m in _WAITING.finditer(self.waiter_states())]
+
+    def _ticket_at(self, index: int) -> int:
+        (ticket,) = _U64.unpack_from(self.buf, self._waiters_at + _TICKET_OFFSET
+                                     + index * WAITER_SIZE)
+        return int(ticket)
+
+    def set_offered(self, index: int, offered: bool) -> None:
+        """Set or clear WAITING entry ``index``'s offer mark (no-op on any other state)."""
+        if waiter_state(self.buf[self._wmap_at + index]) != WaiterState.WAITING:
+            return
+        _U32.pack_into(self.buf, self.waiter_offset(index) + _OFFER_OFFSET, 1 if offered else 0)
 
     def free_waiter_index(self) -> int:
         return self.waiter_states().find(0)

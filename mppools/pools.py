@@ -29,7 +29,7 @@ import errno
 import socket
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import chain
 from queue import Empty, LifoQueue
 from typing import Any
@@ -44,7 +44,15 @@ from kombu.utils.functional import lazy
 from mppools import _config, _fork, _lending
 from mppools._errors import ConfigurationError
 from mppools._keeper import keeper
-from mppools._limiter._base import PRESSURE_DEBT, STATE_BUSY, STATE_IDLE, Limiter, Slot
+from mppools._limiter._base import (
+    PRESSURE_DEBT,
+    STATE_BUSY,
+    STATE_IDLE,
+    Limiter,
+    Offer,
+    Slot,
+    WaitHook,
+)
 from mppools._transports import transport_for
 from mppools._validate import check_limit, check_local_limit, check_wait_timeout
 
@@ -126,17 +134,15 @@ class LimitedConnection(PooledConnection):
     _mppools_first_done_at: float = 0.0
     #: its sockets were cut (its lease was lost): closed at its release, never reused
     _mppools_severed: bool = False
-    #: offered to the waiters at its turn's end (lending) and not lent since; the waiters
-    #: are yet to be woken for it
-    _mppools_offered: bool = False
-    _mppools_offer_due: bool = False
-    #: the last release-to-release time seen while others waited: a connection reused
-    #: within MIN_LEND_CYCLE (a tight loop) is not lent (its own thread needs it back)
+    #: the last release-to-release time seen while others waited (its holder's own
+    #: releases, loans in between or not): a connection reused within MIN_LEND_CYCLE (a
+    #: tight loop) is not lent (its own thread needs it back)
     _mppools_cycle: float = float("inf")
+    _mppools_released_at: float = float("-inf")
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
-                           on_wait: Callable[[], None] | None = None) -> None:
+                           on_wait: WaitHook | None = None) -> None:
         """Hold a slot (no-op when unconfigured or already held); ``on_wait`` as for
         :meth:`Limiter.acquire <mppools._limiter._base.Limiter.acquire>`."""
         if self._mppools_slot is not None:
@@ -154,8 +160,8 @@ class LimitedConnection(PooledConnection):
         self._mppools_hand_on_at = now + self._fitted_quantum(limiter)
         self._mppools_first_use = True
         self._mppools_uses = self._mppools_turn_uses = 0
-        self._mppools_severed = self._mppools_offered = False
-        self._mppools_cycle = float("inf")
+        self._mppools_severed = False
+        self._mppools_cycle, self._mppools_released_at = float("inf"), float("-inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -223,31 +229,31 @@ class LimitedConnection(PooledConnection):
         if limiter is not None and uses > 1 and spent > 0.0:
             limiter.note_use_rate((uses - 1) / spent)
 
-    def _mppools_offer(self) -> bool:
-        """At a turn's end while someone waits: True (once per loan) if this connection is
-        to stay idle a moment longer and be offered to the waiters (lending), instead of
-        being handed on now. A waiter that can borrow it does (the slot then needs no
-        hand-over, the waiter no set-up); the next turn's end, or the keeper once the idle
-        grace ran out, hands it on if nobody did. Lending it resets the offer."""
-        if (self._mppools_offered or self._mppools_cycle < _lending.MIN_LEND_CYCLE
-                or not _config.lending() or not _lending.lendable(self._pool)
-                or not _lending.lender().listening()):
-            return False
-        self._mppools_offered = self._mppools_offer_due = True
-        return True
+    def _mppools_lendable(self) -> bool:
+        """True if lending may take this connection off its holder (lending on, a lendable
+        transport, a lending socket up, and not reused within MIN_LEND_CYCLE last time: a
+        tight loop's own thread wants it back at once)."""
+        return (self._mppools_cycle >= _lending.MIN_LEND_CYCLE and _config.lending()
+                and _lending.lendable(self._pool) and _lending.lender().listening())
 
-    def _mppools_idle_while_waited_for(self, since: float | None, now: float) -> None:
-        """Released to the pool (idle) while someone waits, inside its quantum or offered to
-        the waiters: the keeper hands it on if it stays idle; a waiter is nudged to borrow it
-        unless it is reused at once (a tight loop: released ``since`` less than
-        MIN_LEND_CYCLE ago)."""
-        if since is not None:
-            self._mppools_cycle = now - since
-        offered, self._mppools_offer_due = self._mppools_offer_due, False
+    def _mppools_idle_while_waited_for(self, now: float, turn_done: bool) -> None:
+        """Back in its pool (idle) while someone waits, inside its quantum or at its turn's
+        end (``turn_done``; lendable then): lend it to the head of the queue if that waiter
+        may borrow it (an offer: no hand-over, no set-up); else, at a turn's end, hand the
+        slot on now; else the keeper hands it on if it stays idle."""
         slot = self._mppools_slot
-        if slot is not None:
-            keeper().look_again(slot.token, nudge=offered or (
-                self._mppools_cycle >= _lending.MIN_LEND_CYCLE))
+        if slot is None:
+            return
+        outcome = Offer.HAND_OVER
+        if turn_done or self._mppools_lendable():
+            outcome = _lending.lender().offer(self)
+        if outcome is Offer.MADE:
+            return
+        if not turn_done or outcome is Offer.NOT_NEEDED:
+            keeper().look_again(slot.token)
+        elif self._mppools_take_if_idle():
+            self._mppools_note_turn(now)
+            self._mppools_close_taken()
 
     def _mppools_give_back(self) -> None:
         slot, limiter = self._mppools_slot, self._mppools_limiter
@@ -430,7 +436,7 @@ class LimitedConnectionPool(ConnectionPool):
                 return conn
         return self._acquire_cold(conn, block, timeout, deadline, lend)
 
-    def _borrower(self) -> Callable[[], None] | None:
+    def _borrower(self) -> WaitHook | None:
         """The slot wait's hook that borrows a connection of this pool's broker, if lending
         is on and this pool's transport lends."""
         limiter = _config.current()
@@ -530,48 +536,60 @@ class LimitedConnectionPool(ConnectionPool):
                 self._dirty.remove(resource)
             except KeyError:
                 return
+        waited_for: tuple[float, bool] | None = None
         at = resource._mppools_at
         if at >= 0:
             view = resource._mppools_view
             now = time.monotonic()
+            since, resource._mppools_released_at = resource._mppools_released_at, now
             resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
             try:
                 pressure = view[resource._mppools_pressure_at]
+                turn_done = False
+                if pressure:
+                    resource._mppools_cycle = now - since
+                    turn_done = resource._mppools_turn_done(now)
                 if pressure and (pressure & PRESSURE_DEBT or (
-                        resource._mppools_turn_done(now) and not resource._mppools_offer())):
+                        turn_done and not resource._mppools_lendable())):
                     # someone waits and this connection had its quantum (or the budget
                     # shrank): hand the slot on, don't idle
                     resource._mppools_note_turn(now)
                     resource._mppools_close_taken()
                 else:
-                    since, resource._mppools_idle_since = resource._mppools_idle_since, now
+                    resource._mppools_idle_since = now
                     view[at] = STATE_IDLE
                     if pressure:
-                        resource._mppools_idle_while_waited_for(since, now)
+                        waited_for = (now, turn_done)
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
             limiter = resource._mppools_limiter
             now = time.monotonic()
+            since, resource._mppools_released_at = resource._mppools_released_at, now
             resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
+            turn_done = False
+            if limiter.under_pressure():
+                resource._mppools_cycle = now - since
+                turn_done = resource._mppools_turn_done(now)
             if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
-                    limiter.under_pressure() and resource._mppools_turn_done(now)
-                    and not resource._mppools_offer()):
+                    turn_done and not resource._mppools_lendable()):
                 resource._mppools_note_turn(now)
                 resource._mppools_close_taken()
             else:
-                since, resource._mppools_idle_since = resource._mppools_idle_since, now
+                resource._mppools_idle_since = now
                 limiter.mark_idle(slot=resource._mppools_slot)
                 if limiter.under_pressure():
-                    resource._mppools_idle_while_waited_for(since, now)
+                    waited_for = (now, turn_done)
         # kombu's Resource.release, minus the discard done above
         if self.limit:
             self._resource.put_nowait(resource)
             self.release_resource(resource)
+            if waited_for is not None:  # once it is back in the pool, to be lent from there
+                resource._mppools_idle_while_waited_for(*waited_for)
         else:
             self.close_resource(resource)
 

@@ -238,16 +238,17 @@ def test_under_contention_connections_carry_messages_not_handshakes(
         request: pytest.FixtureRequest, budget_name: str, broker: str,
         quantum: float | None) -> None:
     """8 workers in tight publish loops on 2 slots: with the default hold quantum each
-    connection carries many messages (counted at the proxy); with hold_quantum=0 (hand on
-    at every release) nearly every message pays a new connection, which is what this test
-    tells apart. The cap holds either way."""
+    connection carries many messages (counted at the proxy); with hold_quantum=0 and no
+    lending (hand the slot on at every release) nearly every message pays a new connection,
+    which is what this test tells apart. The cap holds either way."""
     from support.proxy_process import ProxyProcess
 
     server = request.getfixturevalue("redis_server" if broker == "redis" else "rabbitmq_server")
 
     # enough messages for several turns each (a turn is at most 0.2 s by default)
     limit, workers, each = 2, 8, (600 if quantum is None else 100)
-    kw = {} if quantum is None else {"hold_quantum": quantum}
+    # lending off with the quantum: a loan at a turn's end is no hand-over
+    kw: dict[str, Any] = {} if quantum is None else {"hold_quantum": quantum, "lend": False}
     mppools.configure(limit=limit, name=budget_name, acquire_timeout=60, idle_timeout=None,
                       **kw)
     queue = f"q-{budget_name}"

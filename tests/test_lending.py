@@ -190,6 +190,15 @@ def _fork_while_lent() -> tuple[int, bool]:
     return len(socks), os.waitstatus_to_exitcode(status) == 0
 
 
+def _hold_busy(url: str) -> None:
+    """Take a producer (this process's connection, its slot busy) and keep it."""
+    _held["busy"] = pools.producers[Connection(url)].acquire(block=True, timeout=10)
+
+
+def _release_busy() -> None:
+    _held.pop("busy").release()
+
+
 def _lender_calls() -> dict[str, int]:
     from mppools._lending import lender
 
@@ -201,6 +210,7 @@ _HANDLERS = {
     "join": _join, "hold_idle": _hold_idle, "idle_held": _idle_held, "publish": _publish,
     "take": _take, "publish_held": _publish_held, "release_held": _release_held,
     "consume": _consume, "fork_while_lent": _fork_while_lent, "hold_idle_raw": _hold_idle_raw,
+    "hold_busy": _hold_busy, "release_busy": _release_busy,
 }
 
 
@@ -522,3 +532,71 @@ def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name
     assert taken is conn
     lender()._give_back(conn, broken=False)
     assert conn in list(pool._resource.queue)
+
+
+def _waiting() -> int:
+    return mppools.stats().waiting
+
+
+def _stopped_waiter(pair: Pair) -> Worker:
+    """A borrower that waits behind the lender's busy connection, then is SIGSTOPped (it
+    cannot claim what it is offered until SIGCONT)."""
+    import signal
+
+    pair.lender.call("hold_busy", pair.url)
+    pair.borrower.send("publish", pair.url, pair.name, {"from": "first waiter"})
+    assert _wait_for(_waiting, 1) == 1
+    os.kill(pair.borrower.pid, signal.SIGSTOP)
+    return pair.borrower
+
+
+def test_an_idle_connection_is_kept_for_the_oldest_waiter_then_offered_to_the_next(
+        pair: Pair) -> None:
+    """Regression (gunicorn p99): an idle connection went to whoever asked first, and a
+    waiter woken for it often found it gone (taken by a newcomer, or by a waiter woken for
+    another). Now it is offered to the head of the queue and kept for it; a waiter that does
+    not claim it in time (here: stopped) loses it to the next one, and gets one later; no
+    slot changes hands, no broker connection is opened."""
+    import signal
+
+    opened = pair.proxy.total_accepted
+    first = _stopped_waiter(pair)
+    try:
+        pair.lender.call("release_busy")  # offered to the stopped waiter, kept for it
+        assert pair.lender.call("idle_held", pair.url) == 0
+        second = Worker(_HANDLERS)
+        try:
+            # waits behind the first (no asking around while others wait); the offer runs
+            # out and goes to it
+            assert second.call("publish", pair.url, pair.name, {"from": "second"},
+                               timeout=15) == "BorrowedConnection"
+        finally:
+            second.kill()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    # the first waiter's claim finds its offer gone: it waits on and is offered one again
+    assert first.answer(timeout=15) == "BorrowedConnection"
+    assert pair.proxy.total_accepted == opened, "a slot changed hands (a new connection)"
+    assert _count(pair.direct, pair.name) == 3
+    assert mppools.stats().waiting == 0
+
+
+def test_the_lenders_own_thread_takes_back_a_connection_kept_for_a_waiter(
+        pair: Pair) -> None:
+    """A connection kept for a waiter that has not claimed it yet is the lender's own to
+    take back at once when its own thread needs it (no wait, no new connection); the
+    waiter's claim then finds nothing, and it waits on."""
+    import signal
+
+    opened = pair.proxy.total_accepted
+    first = _stopped_waiter(pair)
+    try:
+        pair.lender.call("release_busy")
+        assert pair.lender.call("idle_held", pair.url) == 0  # kept for the waiter
+        assert pair.lender.call("publish", pair.url, pair.name, {"from": "lender"}) == \
+            "LimitedConnection"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.answer(timeout=15) == "BorrowedConnection"
+    assert pair.proxy.total_accepted == opened
+    assert _count(pair.direct, pair.name) == 3

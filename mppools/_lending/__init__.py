@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._borrow import MIN_LEND_CYCLE, BorrowedConnection, Loan, ask
-from ._lender import Lender, lendable, lender, pool_key
+from mppools._limiter._base import LoanOffer
+
+from ._borrow import MIN_LEND_CYCLE, BorrowedConnection, Loan, ask, claim, decline
+from ._lender import Lender, key_digest, lendable, lender, pool_key
 
 __all__ = [
     "MIN_LEND_CYCLE",
@@ -28,6 +30,7 @@ __all__ = [
     "BorrowedConnection",
     "Borrower",
     "Lender",
+    "key_digest",
     "lendable",
     "lender",
     "pool_key",
@@ -47,13 +50,15 @@ class Borrowed(Exception):
 
 
 class Borrower:
-    """The ``on_wait`` hook of a producer pool's slot wait: borrow an idle connection to the
-    same broker from a process of the budget, if one has one now."""
+    """The ``on_wait`` hook of a producer pool's slot wait (a
+    :class:`~mppools._limiter._base.WaitHook`): borrow an idle connection to the same broker
+    from a process of the budget, before waiting if nobody waits, or when offered one."""
 
     def __init__(self, pool: Any, limiter: Any) -> None:
         self._pool = pool
         self._limiter = limiter
         self._key = pool_key(pool)
+        self.wants = key_digest(self._key)
 
     def try_loan(self) -> Loan | None:
         """A loan from one of the budget's processes with an idle slot, or None."""
@@ -63,11 +68,21 @@ class Borrower:
                 return loan
         return None
 
-    def __call__(self) -> None:
-        loan = self.try_loan()
+    def __call__(self, offer: LoanOffer | None) -> None:
+        if offer is not None:
+            loan = claim(offer.address, offer.ticket, self._key)
+        elif self._limiter.waiting_flag():
+            # others wait already: idle connections go to them in order (offers), not to
+            # whoever asks first
+            return
+        else:
+            loan = self.try_loan()
         if loan is None:
             return
         pool = self._pool
         conn = BorrowedConnection(loan, self.try_loan, pool.connection.get_transport_cls(),
                                   dict(pool.connection._info(resolve=False)))
         raise Borrowed(conn)
+
+    def decline(self, offer: LoanOffer) -> None:
+        decline(offer.address, offer.ticket)

@@ -40,6 +40,8 @@ __all__ = [
     "Loan",
     "ask",
     "borrowed_transport",
+    "claim",
+    "decline",
 ]
 
 #: a connection is lent only if its holder's last release-to-release time (under
@@ -145,6 +147,30 @@ class LoanUnsent(Exception):
 def ask(address: str, key: str) -> Loan | None:
     """Ask the lender at ``address`` for an idle connection matching ``key``; None if it has
     none, is gone, or is not of our uid."""
+    return _request(address, ("borrow", key))
+
+
+def claim(address: str, ticket: int, key: str) -> Loan | None:
+    """Take the connection the lender at ``address`` keeps for offer ``ticket``; None if it
+    took it back meanwhile, is gone, or is not of our uid."""
+    return _request(address, ("claim", ticket, key))
+
+
+def decline(address: str, ticket: int) -> None:
+    """Tell the lender at ``address`` that offer ``ticket`` is not needed (no answer)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(ASK_TIMEOUT)
+        sock.connect(address)
+        if _wire.peer_trusted(sock):
+            _wire.send(sock, ("decline", ticket))
+    except OSError:
+        pass  # the offer runs out on its own
+    finally:
+        sock.close()
+
+
+def _request(address: str, request: tuple[Any, ...]) -> Loan | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(ASK_TIMEOUT)
@@ -152,7 +178,7 @@ def ask(address: str, key: str) -> Loan | None:
         if not _wire.peer_trusted(sock):
             sock.close()
             return None
-        _wire.send(sock, ("borrow", key))
+        _wire.send(sock, request)
         reply = _wire.recv(sock)
     except OSError:
         sock.close()

@@ -3,17 +3,24 @@
 Started beside the keeper the first time this process takes a slot for a connection of a
 lendable transport (Redis, py-amqp), only in a process that may run threads of its own (not
 gevent/eventlet-patched: its sockets belong to the hub; not a thread-free uWSGI master).
-Each accepted peer of our uid gets one thread for one loan:
+One lending thread answers every peer of our uid; a loan is carried by that thread when the
+process has no other connection to lend meanwhile, else by a thread of its own:
 
-1. it asks ``("borrow", key)``; the lender looks for a connection it holds, of a pool whose
-   connection parameters digest to ``key``, sitting idle in that pool, and takes it out
-   (the keeper's ``_mppools_take_if_idle``: under the pool's queue mutex, a lazy placeholder
-   keeps the pool's size), marks its slot busy and answers ``("lent", pid)``; or ``("no",)``;
+1. a peer asks ``("borrow", key)`` (nobody waits: it takes any idle connection), or
+   ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`); the
+   lender takes a connection it holds, of a pool whose connection parameters digest to
+   ``key``, out of that pool (a lazy placeholder keeps the pool's size), marks its slot busy
+   and answers ``("lent", pid, declared)``; or ``("no",)``;
 2. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
    EOF (a borrower that dies ends its loan);
-3. it puts the connection back where a placeholder stands (marked idle; if someone waits,
-   the keeper looks at it as at any idle one), or closes it if the pool has no room or the
-   connection broke (which gives its slot back).
+3. it hands the connection to a thread of ours that waits for it, or offers it to the next
+   waiter, or puts it back where a placeholder stands (marked idle), or closes it if the
+   pool has no room or the connection broke (which gives its slot back).
+
+An offer keeps an idle connection out of its pool for the waiter it was offered to, for
+OFFER_WAIT at most: the head of the queue gets it, not whoever asks first, and no two
+waiters are woken for one connection. The lender's own thread takes an offered connection
+back at once if it needs it (the waiter's claim then finds nothing and it waits on).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import select
 import socket
 import threading
 import time
@@ -32,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.utils.functional import lazy
 
 from mppools import _fork, _green
+from mppools._limiter._base import Offer
 
 from . import _wire
 from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_CYCLE
@@ -39,7 +49,7 @@ from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_CYCLE
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
 
-__all__ = ["Lender", "lendable", "lender", "pool_key"]
+__all__ = ["OFFER_WAIT", "Lender", "key_digest", "lendable", "lender", "pool_key"]
 
 logger = logging.getLogger("mppools")
 
@@ -47,6 +57,12 @@ logger = logging.getLogger("mppools")
 LOAN_IDLE_TIMEOUT = 300.0
 #: how long an exiting process waits for its loans out to end before it goes (seconds)
 EXIT_WAIT = 2.0
+#: how long a connection offered to a waiter is kept for it (seconds): a waiter that has
+#: not claimed it by then is slow or gone, and the next one is offered it
+OFFER_WAIT = 0.05
+#: the lending thread's poll (captured at import: eventlet deletes ``select.poll`` when it
+#: patches, and a patched process never lends)
+_poll = getattr(select, "poll", None)
 
 
 def pool_key(pool: Any) -> str:
@@ -59,6 +75,11 @@ def pool_key(pool: Any) -> str:
         key = hashlib.sha256(blob.encode()).hexdigest()[:32]
         pool._mppools_key = key
     return key
+
+
+def key_digest(key: str) -> int:
+    """``key`` (:func:`pool_key`) as the non-zero 64-bit number a waiter's record keeps."""
+    return int(key[:16], 16) or 1
 
 
 def lendable(pool: Any) -> bool:
@@ -83,6 +104,10 @@ class Lender:
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
         self._claims: dict[int, collections.deque[_Claim]] = {}
+        #: connections offered to a waiter, by ticket (also in _out)
+        self._offered: dict[int, _Offered] = {}
+        self._poke_r: socket.socket | None = None  # wakes the lending thread (an offer)
+        self._poke_w: socket.socket | None = None
         #: the calls run for borrowers, by kind ("publish", "queue_declare")
         self.calls: collections.Counter[str] = collections.Counter()
 
@@ -91,7 +116,7 @@ class Lender:
         """Lend at ``address`` from now on (no-op if already, or not allowed here)."""
         if address is None or self._address == address:
             return
-        if _green.is_patched() or _fork.threadless():
+        if _green.is_patched() or _fork.threadless() or _poll is None:
             return
         with self._lock:
             if self._address == address:
@@ -107,11 +132,16 @@ class Lender:
                 logger.warning("mppools: could not lend at %s", address, exc_info=True)
                 sock.close()
                 return
+            sock.setblocking(False)
+            if self._poke_r is None:
+                self._poke_r, self._poke_w = socket.socketpair()
+                self._poke_r.setblocking(False)
+                self._poke_w.setblocking(False)
             self._sock, self._address = sock, address
             if self._exit_hook_pid != os.getpid():
                 self._exit_hook_pid = os.getpid()
                 _register_exit_hook()
-            self._thread = threading.Thread(target=self._run, args=(sock,),
+            self._thread = threading.Thread(target=self._run, args=(sock, self._poke_r),
                                             name="mppools-lender", daemon=True)
             self._thread.start()
 
@@ -120,7 +150,8 @@ class Lender:
         address, self._address = self._address, None
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); the thread closes it
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the poll; the thread closes it
+            self._poke()
         if address is not None:
             with contextlib.suppress(OSError):
                 os.unlink(address)
@@ -128,20 +159,45 @@ class Lender:
     def stop(self, timeout: float = 2.0) -> None:
         """Stop lending (``mppools.close()``, a thread-free process) and wait up to
         ``timeout`` seconds for the lending thread to end; loans out end when their
-        borrowers end them."""
+        borrowers end them, offers out are taken back."""
         with self._lock:
             self._stop_locked()
             thread, self._thread = self._thread, None
+            offered, self._offered = list(self._offered.values()), {}
+        for item in offered:
+            self._give_back(item.conn, broken=False)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _run(self, sock: socket.socket) -> None:
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self._poke_w.send(b"p")  # type: ignore[union-attr]
+
+    def _run(self, sock: socket.socket, poke: socket.socket) -> None:
+        assert _poll is not None
+        poller = _poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(poke.fileno(), select.POLLIN)
         try:
             while self._sock is sock:
+                due = self._expire_offers()
+                try:
+                    ready = {fd for fd, _ in poller.poll(
+                        None if due is None else max(due * 1000.0, 1.0))}
+                except InterruptedError:
+                    continue
+                if poke.fileno() in ready:
+                    with contextlib.suppress(OSError):
+                        poke.recv(4096)
+                if sock.fileno() not in ready:
+                    continue
                 try:
                     peer, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
                 except OSError:
                     return
+                peer.setblocking(True)
                 conn = self._answer(peer)
                 if conn is None:
                     continue
@@ -174,6 +230,14 @@ class Lender:
             request = _wire.recv(peer)
             if isinstance(request, tuple) and len(request) == 2 and request[0] == "borrow":
                 conn = self._take(str(request[1]))
+            elif isinstance(request, tuple) and len(request) == 3 and request[0] == "claim":
+                conn = self._claim(request[1], str(request[2]))
+            elif isinstance(request, tuple) and len(request) == 2 and request[0] == "decline":
+                conn = self._claim(request[1], None)
+                if conn is not None:
+                    self._give_back(conn, broken=False)
+                peer.close()
+                return None
             if conn is None:
                 _wire.send(peer, ("no",))
             else:
@@ -225,14 +289,81 @@ class Lender:
                     or self._in_tight_loop(conn)):
                 continue
             if conn._mppools_take_if_idle():
-                conn._mppools_idle_since = None
-                conn._mppools_offered = False  # a waiter was served: no hand-over owed
-                with contextlib.suppress(Exception):
-                    limiter.mark_busy(slot)
-                with self._lock:
-                    self._out.add(conn)
+                self._taken(conn)
                 return conn
         return None
+
+    def _taken(self, conn: LimitedConnection) -> None:
+        """``conn`` was just taken out of its pool to be lent or offered."""
+        conn._mppools_idle_since = None
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        if slot is not None and limiter is not None:
+            with contextlib.suppress(Exception):
+                limiter.mark_busy(slot)
+        with self._lock:
+            self._out.add(conn)
+
+    def _claim(self, ticket: Any, key: str | None) -> LimitedConnection | None:
+        """The connection kept for offer ``ticket`` (if its pool digests to ``key``; any if
+        None), or None if it is not kept any more."""
+        with self._lock:
+            item = self._offered.pop(ticket, None) if isinstance(ticket, int) else None
+        if item is None:
+            return None
+        if key is not None and pool_key(item.conn._pool) != key:  # pragma: no cover
+            self._give_back(item.conn, broken=False)
+            return None
+        return item.conn
+
+    def offer(self, conn: LimitedConnection) -> Offer:
+        """``conn`` sits idle in its pool while someone waits: keep it for the head of the
+        queue if that waiter may borrow it (the limiter's ``offer_loan``), for OFFER_WAIT at
+        most (:attr:`~Offer.MADE`). Otherwise ``conn`` stays in its pool, and the result says
+        whether to hand its slot over (:attr:`~Offer.HAND_OVER`: not lending, a thread of
+        ours waits for a connection of its pool, or the head of the queue cannot borrow it)
+        or to keep it idle (:attr:`~Offer.NOT_NEEDED`: every waiter has an offer out, or it
+        is not idle in its pool any more)."""
+        from mppools import _config
+
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        if (self._sock is None or slot is None or limiter is None or conn._mppools_severed
+                or conn._connection is None or _config.current() is not limiter
+                or limiter.in_debt() or id(conn._pool) in self._claims):
+            return Offer.HAND_OVER
+        if not conn._mppools_take_if_idle():
+            return Offer.NOT_NEEDED
+        self._taken(conn)
+        ticket = secrets.randbits(63) or 1
+        with self._lock:
+            self._offered[ticket] = _Offered(conn, time.monotonic() + OFFER_WAIT)
+        try:
+            outcome = limiter.offer_loan(ticket, key_digest(pool_key(conn._pool)))
+        except Exception:
+            outcome = Offer.HAND_OVER
+        if outcome is Offer.MADE:
+            self._poke()  # the lending thread times the offer out
+            return outcome
+        with self._lock:
+            item = self._offered.pop(ticket, None)
+            if item is not None:
+                self._out.discard(conn)
+        if item is not None and not self._place(conn):  # nobody was told: back, idle
+            conn._mppools_close_taken()  # pragma: no cover - its placeholder is there
+        return outcome
+
+    def _expire_offers(self) -> float | None:
+        """Take back the offers whose waiters did not claim them in time (each goes to the
+        next waiter, or back to its pool); seconds until the next one runs out, or None."""
+        now = time.monotonic()
+        with self._lock:
+            late = [t for t, item in self._offered.items() if item.until <= now]
+            expired = [self._offered.pop(t).conn for t in late]
+            due = min((item.until for item in self._offered.values()), default=None)
+        for conn in expired:
+            self._give_back(conn, broken=False)
+        if expired:
+            return 0.0
+        return None if due is None else max(due - now, 0.0)
 
     @staticmethod
     def _in_tight_loop(conn: LimitedConnection) -> bool:
@@ -279,11 +410,11 @@ class Lender:
             _wire.send(peer, reply)
 
     def _give_back(self, conn: LimitedConnection, *, broken: bool) -> None:
-        """The loan ended: hand the connection to a thread of ours that waits for it
-        (:meth:`reclaim`), else put it back in its pool where a placeholder stands, idle; close
-        it (its slot goes back) if it broke or the pool has no room."""
+        """A loan ended (or an offer ran out): hand the connection to a thread of ours that
+        waits for it (:meth:`reclaim`), else offer it to the next waiter, else put it back in
+        its pool where a placeholder stands, idle; close it (its slot goes back) if it broke
+        or the pool has no room."""
         from mppools._keeper import keeper
-        from mppools.pools import _queue_lock
 
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
         usable = not broken and slot is not None and limiter is not None and not (
@@ -300,27 +431,35 @@ class Lender:
             claim.conn = conn  # still marked busy: it goes straight back to work
             claim.event.set()
             return
-        placed = False
-        if usable and slot is not None and limiter is not None:
-            queue = pool._resource
-            with _queue_lock(queue):
-                items = queue.queue
-                for i in range(len(items) - 1, -1, -1):
-                    if _placeholder(items[i]):
-                        del items[i]
-                        items.append(conn)  # the pool's LIFO end: the next acquire takes it
-                        placed = True
-                        break
-                if placed:
-                    conn._mppools_idle_since = time.monotonic()
-                    with contextlib.suppress(Exception):
-                        limiter.mark_idle(slot)
-        if not placed:
+        if not usable or not self._place(conn):
             conn._mppools_close_taken()
             return
         with contextlib.suppress(Exception):
-            if limiter is not None and slot is not None and limiter.under_pressure():
-                keeper().look_again(slot.token, nudge=True)
+            if limiter is not None and slot is not None and limiter.under_pressure() and (
+                    self.offer(conn) is not Offer.MADE):
+                keeper().look_again(slot.token)  # handed over if it stays idle
+
+    def _place(self, conn: LimitedConnection) -> bool:
+        """Put ``conn`` back in its pool where a placeholder stands, marked idle; False if
+        the pool has no placeholder (no room)."""
+        from mppools.pools import _queue_lock
+
+        queue = conn._pool._resource
+        with _queue_lock(queue):
+            items = queue.queue
+            for i in range(len(items) - 1, -1, -1):
+                if _placeholder(items[i]):
+                    del items[i]
+                    items.append(conn)  # the pool's LIFO end: the next acquire takes it
+                    break
+            else:
+                return False
+            conn._mppools_idle_since = time.monotonic()
+            slot, limiter = conn._mppools_slot, conn._mppools_limiter
+            if slot is not None and limiter is not None:
+                with contextlib.suppress(Exception):
+                    limiter.mark_idle(slot)
+        return True
 
     def reclaim(self, pool: Any, timeout: float) -> LimitedConnection | None:
         """For a thread of this process that needs a connection of ``pool`` while one is
@@ -328,6 +467,11 @@ class Lender:
         the connection directly (it is not lent again meanwhile). None at once if none is out,
         or if none came back in time."""
         with self._lock:
+            for ticket, item in list(self._offered.items()):
+                if item.conn._pool is pool:  # kept for a waiter that has not come yet
+                    del self._offered[ticket]
+                    self._out.discard(item.conn)
+                    return item.conn
             if not any(c._pool is pool for c in self._out):
                 return None
             claim = _Claim()
@@ -378,10 +522,23 @@ class Lender:
             _fork.bury(conn)
         self._out = set()
         self._claims = {}
+        self._offered = {}
+        pokes = [p for p in (self._poke_r, self._poke_w) if p is not None]
+        self._poke_r = self._poke_w = None
         self.calls = collections.Counter()
-        for s in [*loans, *([sock] if sock is not None else [])]:
+        for s in [*loans, *pokes, *([sock] if sock is not None else [])]:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+class _Offered:
+    """A connection kept for the waiter it was offered to, until ``until`` (monotonic)."""
+
+    __slots__ = ("conn", "until")
+
+    def __init__(self, conn: LimitedConnection, until: float) -> None:
+        self.conn = conn
+        self.until = until
 
 
 class _Claim:

@@ -13,10 +13,11 @@ are defined here, once, so that every backend with cells gives them the same mea
 from __future__ import annotations
 
 import abc
+import enum
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Protocol
 
 from mppools import _fork
 
@@ -32,7 +33,10 @@ __all__ = [
     "BudgetStats",
     "HolderStats",
     "Limiter",
+    "LoanOffer",
+    "Offer",
     "Slot",
+    "WaitHook",
     "WaiterStats",
     "local_host",
 ]
@@ -47,6 +51,42 @@ PRESSURE_WAITING: Final = 1
 PRESSURE_DEBT: Final = 2
 #: uses per second above which a measured use rate is taken for a glitch (a torn read)
 MAX_USE_RATE: Final = 10_000_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoanOffer:
+    """A loan offered to a waiter (lending): where the lender lends, and the offer's ticket
+    (the connection is kept for whoever presents it, for a moment)."""
+
+    address: str
+    ticket: int
+
+
+class Offer(enum.Enum):
+    """What became of an idle connection offered to the waiters (:meth:`Limiter.offer_loan`)."""
+
+    #: the head of the queue was offered it (it is kept for that waiter)
+    MADE = "made"
+    #: the head of the queue cannot borrow it: hand the slot over, as without lending
+    HAND_OVER = "hand over"
+    #: every waiter has an offer out already (or nobody waits): keep it idle
+    NOT_NEEDED = "not needed"
+
+
+class WaitHook(Protocol):
+    """What a slot wait does besides waiting (lending: take a loan instead of a slot)."""
+
+    wants: int
+    """The digest of the connections the waiter may borrow, or 0 if it borrows none (it is
+    then never offered one)."""
+
+    def __call__(self, offer: LoanOffer | None) -> None:
+        """Before the wait (``offer`` None): borrow an idle connection if one is there and
+        nobody waits. In the wait: claim ``offer``. Raising ends the wait (a loan came
+        through); returning goes on waiting."""
+
+    def decline(self, offer: LoanOffer) -> None:
+        """Give back an offer the wait does not need (it got a slot meanwhile)."""
 
 
 def local_host() -> str:
@@ -172,15 +212,15 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     def acquire(self, *, block: bool = True, timeout: float | None = None,
-                on_wait: Callable[[], None] | None = None) -> Slot:
+                on_wait: WaitHook | None = None) -> Slot:
         """Take one slot.
 
         ``timeout=None`` waits for the budget's configured ``acquire_timeout``. Waiters are
         served in the order they came (FIFO); a slot given back goes to the oldest waiter.
-        ``on_wait`` is called when no slot is free, before the wait starts, and again
-        whenever the wait learns that a connection may be lent (a backend may never call
-        it); an exception it raises ends the wait (what was granted meanwhile is given back)
-        and propagates: lending leaves a wait so.
+        ``on_wait`` (lending) is called with None when no slot is free, before the wait
+        starts, and with each loan offered to this waiter (``offer_loan``) during it
+        (a backend may never call it); an exception it raises ends the wait (what was
+        granted meanwhile is given back) and propagates: a loan leaves a wait so.
 
         Raises:
             LimitExceeded: no slot in time (at once if ``block`` is false).
@@ -322,9 +362,12 @@ class Limiter(abc.ABC):
         first (empty if the backend has none)."""
         return []
 
-    def nudge_waiter(self) -> None:  # noqa: B027 - optional hook
-        """Wake the oldest waiter without granting it anything: a connection just went idle,
-        and the waiter may borrow it (see ``acquire``'s ``on_wait``)."""
+    def offer_loan(self, ticket: int, wants: int) -> Offer:
+        """Offer the loan ``ticket`` (a connection of digest ``wants`` that this process
+        keeps for the taker) to the head of the queue: the oldest waiter not offered one
+        already, if it may borrow ``wants`` (see ``acquire``'s ``on_wait``). Anything but
+        :attr:`Offer.MADE` means nobody was told (a backend without lending: HAND_OVER)."""
+        return Offer.HAND_OVER
 
     def is_creator(self) -> bool:
         """True if this process created (or adopted) the budget and so removes it at exit."""

@@ -20,7 +20,6 @@ import heapq
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 
 from mppools import _fork, _green
 from mppools._errors import (
@@ -42,6 +41,7 @@ from mppools._limiter._base import (
     Limiter,
     Slot,
     WaiterStats,
+    WaitHook,
     local_host,
 )
 from mppools._limiter.posix._names import default_name, validate_name
@@ -250,7 +250,7 @@ class MemoryLimiter(Limiter):
 
     # public API ------------------------------------------------------------------------------
     def acquire(self, *, block: bool = True, timeout: float | None = None,
-                on_wait: Callable[[], None] | None = None) -> Slot:
+                on_wait: WaitHook | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         if timeout is None:
             timeout = self._acquire_timeout

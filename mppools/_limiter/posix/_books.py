@@ -322,8 +322,9 @@ class Books:
         rec = self.table.read_slot(slot.index)
         return rec.owner == me.owner and rec.token == slot.token and rec.state != SlotState.FREE
 
-    def register_waiter(self, me: Me, nonce: int, ticket: int) -> int:
-        """Add a waiter entry (with its token); -1 if the waiter table is full."""
+    def register_waiter(self, me: Me, nonce: int, ticket: int, wants: int = 0) -> int:
+        """Add a waiter entry (with its token) that may borrow connections of digest
+        ``wants`` (0: none); -1 if the waiter table is full."""
         table = self.table
         states = table.waiter_states()
         index = states.find(0)
@@ -331,7 +332,7 @@ class Books:
             index = states.find(0, index + 1)
         if index >= 0:
             table.write_waiter(index, WaiterState.WAITING, me.pid, me.start, nonce, ticket,
-                               0, 0, me.owner, me.pidns)
+                               0, wants, me.owner, me.pidns)
         return index
 
     def drop_waiter(self, windex: int) -> None:

@@ -29,7 +29,6 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
 from mppools import _fork, _green
@@ -46,8 +45,11 @@ from mppools._limiter._base import (
     BudgetStats,
     HolderStats,
     Limiter,
+    LoanOffer,
+    Offer,
     Slot,
     WaiterStats,
+    WaitHook,
     local_host,
 )
 from mppools._slots import (
@@ -462,7 +464,7 @@ class PosixLimiter(Limiter):
 
     # public API ------------------------------------------------------------------------------
     def acquire(self, *, block: bool = True, timeout: float | None = None,
-                on_wait: Callable[[], None] | None = None) -> Slot:
+                on_wait: WaitHook | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         if timeout is None:
             timeout = self.acquire_timeout
@@ -484,20 +486,21 @@ class PosixLimiter(Limiter):
         if on_wait is not None:
             # before waiting, so a loan that comes through at once never shows as a waiter
             # (the pressure flag would make holders hand on at their turn's end)
-            on_wait()
+            on_wait(None)
         deadline = None if timeout is None else started + timeout
         return self._wait(me, started, deadline, on_wait)
 
     def _wait(self, me: Me, started: float, deadline: float | None,
-              on_wait: Callable[[], None] | None = None) -> Slot:
+              on_wait: WaitHook | None = None) -> Slot:
         books = self._books
         nonce, sock = _wait.bind_waiter(self.name)
         windex = -1
         watched: dict[tuple[int, int], int] = {}
         unwatchable: set[tuple[int, int]] = set()
+        wants = on_wait.wants if on_wait is not None else 0
+        offers: list[LoanOffer] = []  # offered to us, not yet claimed
         try:
             audit = False
-            lend = False  # acquire() asked before the wait; from now on, when nudged
             while True:
                 wakes: list[str] = []
                 with self._locked():
@@ -516,16 +519,16 @@ class PosixLimiter(Limiter):
                         return slot
                     if windex < 0:
                         windex = books.register_waiter(
-                            me, nonce, self._table.bump(NEXT_TOKEN_AT))
+                            me, nonce, self._table.bump(NEXT_TOKEN_AT), wants)
                     holders = self._table.used_slots()
                     waiting = self._table.waiting()
                 _wait.notify(wakes)
-                if lend and on_wait is not None and any(
-                        r.state == SlotState.IDLE and r.owner != me.owner for r in holders):
-                    # when nudged (an idle connection that may be lent; not at every
-                    # slice: asking a busy process costs both sides)
-                    on_wait()  # may leave the wait by raising (a loan came through)
-                lend = False
+                if offers and on_wait is not None:
+                    while offers:
+                        on_wait(offers.pop(0))  # raises if the loan came through
+                    # none came through (taken back meanwhile): offers may come again
+                    with self._locked():
+                        self._table.set_offered(windex, False)
                 self._request_yields(holders, max(waiting, 1))
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -538,7 +541,9 @@ class PosixLimiter(Limiter):
                     unwatchable |= gone
                     audit = True
                     continue
-                woken, died, lend = _wait.sleep(sock, watched.values(), wait_for)
+                woken, died, offered = _wait.sleep(sock, watched.values(), wait_for)
+                offers += [LoanOffer(lend_path(self.name, owner), ticket)
+                           for owner, ticket in offered]
                 audit = died or not woken
             # out of time: a hand-off may still have raced in
             with self._locked():
@@ -558,6 +563,10 @@ class PosixLimiter(Limiter):
                 with self._locked():
                     wakes = books.abandon(windex, nonce, me)
                 _wait.notify(wakes)
+            if on_wait is not None:
+                for unclaimed in offers:  # a slot came first: the lenders need not wait
+                    with contextlib.suppress(Exception):
+                        on_wait.decline(unclaimed)
             _watcher.unwatch(watched)
             _wait.close_waiter(self.name, nonce, sock)
 
@@ -752,15 +761,22 @@ class PosixLimiter(Limiter):
     def keeper_address(self) -> str:
         return keeper_path(self.name, _self.me().owner)
 
-    def nudge_waiter(self) -> None:
-        if self._closed:
-            return
+    def offer_loan(self, ticket: int, wants: int) -> Offer:
+        if self._closed or not wants:
+            return Offer.HAND_OVER
+        me = _self.me()
         with self._locked():
-            index = self._table.oldest_waiting()
+            index = self._table.oldest_to_offer(wants, me.owner)
             if index < 0:
-                return
+                return Offer.HAND_OVER if index == -1 else Offer.NOT_NEEDED
             nonce = self._table.read_waiter(index).nonce
-        _wait.notify([waiter_path(self.name, nonce)], kind=_wait.NUDGE)
+            self._table.set_offered(index, True)
+        if _wait.offer(waiter_path(self.name, nonce), me.owner, ticket):
+            return Offer.MADE
+        with self._locked():  # it left (or died) meanwhile: nobody was told
+            if self._table.read_waiter(index).nonce == nonce:
+                self._table.set_offered(index, False)
+        return Offer.NOT_NEEDED  # the keeper looks at the connection again
 
     def lend_address(self) -> str:
         return lend_path(self.name, _self.me().owner)

@@ -19,6 +19,7 @@ import errno
 import os
 import secrets
 import socket
+import struct
 from collections.abc import Iterable
 
 from mppools import _green
@@ -26,15 +27,15 @@ from mppools._liveness import is_alive
 
 from ._names import waiter_path
 
-__all__ = ["MAX_WATCHED", "NUDGE", "SLICE", "Watcher", "bind_waiter", "close_waiter", "notify",
-           "sleep"]
+__all__ = ["MAX_WATCHED", "SLICE", "Watcher", "bind_waiter", "close_waiter", "notify",
+           "offer", "sleep"]
 
 #: seconds a waiter sleeps at most before it audits and re-sends its idle-yield requests
 SLICE = 0.1
 #: pidfds of holders one process keeps open at most, for all its waiting threads together
 MAX_WATCHED = 64
-#: the wake-up datagram of a nudge (lending), as against a grant's
-NUDGE = b"n"
+#: a loan offer's datagram (lending): b"o", then the lender's owner and the offer's ticket
+_OFFER = struct.Struct(">cQQ")
 
 
 class Watcher:
@@ -140,27 +141,29 @@ def close_waiter(name: str, nonce: int, sock: socket.socket) -> None:
 
 
 def sleep(sock: socket.socket, fds: Iterable[int], timeout: float,
-          ) -> tuple[bool, bool, bool]:
+          ) -> tuple[bool, bool, list[tuple[int, int]]]:
     """Sleep until woken through ``sock``, a pidfd in ``fds`` is readable, or ``timeout``.
 
-    Returns ``(woken, holder died, nudged)``: nudged if one of the wake-ups was a
-    :func:`nudge` (a connection went idle that may be lent). Wake-up datagrams are drained.
+    Returns ``(woken, holder died, offers)``: the loan offers among the wake-ups (see
+    :func:`offer`), as ``(lender's owner, ticket)``. Wake-up datagrams are drained.
     """
     sfd = sock.fileno()
     ready = _green.wait_readable([sfd, *fds], max(timeout, 0.0))
     woken = sfd in ready
     died = any(fd != sfd for fd in ready)
-    nudged = False
+    offers: list[tuple[int, int]] = []
     if woken:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while True:
-                nudged = sock.recv(64) == NUDGE or nudged
-    return woken, died, nudged
+                data = sock.recv(64)
+                if len(data) == _OFFER.size and data[:1] == b"o":
+                    _, owner, ticket = _OFFER.unpack(data)
+                    offers.append((owner, ticket))
+    return woken, died, offers
 
 
-def notify(paths: Iterable[str], *, kind: bytes = b"g") -> None:
-    """Wake the waiters bound at ``paths`` (one that just left or died is covered by audits);
-    ``kind`` :data:`NUDGE`: a connection went idle that the waiter may borrow."""
+def notify(paths: Iterable[str]) -> None:
+    """Wake the waiters bound at ``paths`` (one that just left or died is covered by audits)."""
     paths = list(paths)
     if not paths:
         return
@@ -168,4 +171,16 @@ def notify(paths: Iterable[str], *, kind: bytes = b"g") -> None:
         s.setblocking(False)
         for path in paths:
             with contextlib.suppress(OSError):
-                s.sendto(kind, path)
+                s.sendto(b"g", path)
+
+
+def offer(path: str, owner: int, ticket: int) -> bool:
+    """Offer the waiter bound at ``path`` the loan ``ticket`` of the lender ``owner``; False
+    if it could not be told (it left, or died)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        try:
+            s.sendto(_OFFER.pack(b"o", owner, ticket), path)
+        except OSError:
+            return False
+    return True

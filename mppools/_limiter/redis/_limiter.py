@@ -76,7 +76,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
 from mppools import _fork
@@ -94,7 +93,9 @@ from mppools._limiter._base import (
     BudgetStats,
     HolderStats,
     Limiter,
+    Offer,
     Slot,
+    WaitHook,
 )
 from mppools._limiter.posix import DEFAULT_CAPACITY, PosixLimiter
 from mppools._limiter.posix import default_name as posix_default_name
@@ -626,7 +627,7 @@ class RedisLimiter(Limiter):
         return tuple(out)
 
     def acquire(self, *, block: bool = True, timeout: float | None = None,
-                on_wait: Callable[[], None] | None = None) -> Slot:
+                on_wait: WaitHook | None = None) -> Slot:
         timeout = check_wait_timeout(timeout)
         try:
             if not block or timeout == 0 or self._local.waiting_flag():
@@ -846,8 +847,8 @@ class RedisLimiter(Limiter):
     def lenders(self) -> list[str]:
         return self._local.lenders()
 
-    def nudge_waiter(self) -> None:
-        self._local.nudge_waiter()
+    def offer_loan(self, ticket: int, wants: int) -> Offer:
+        return self._local.offer_loan(ticket, wants)
 
     def is_creator(self) -> bool:
         return self._local.is_creator()
