@@ -16,6 +16,13 @@ connection, reading the installed package's metadata to do so
 (``importlib.metadata.version("redis")``, about a third of the CPU a new connection costs).
 ``CLIENT SETINFO`` sends the same name and version either way; a channel whose options
 already name a driver (``driver_info``, ``lib_name`` or ``lib_version``) keeps its own.
+
+And it keeps the one redis-py client it publishes through: kombu makes a new ``redis.Redis``
+for every publish and declaration (``conn_or_acquire()``), whose constructor fills a table
+of about 170 response callbacks, a third of what a publish costs the publishing process's
+CPU. The kept client is the synchronous one only, never the channel's ``client`` (kombu's
+poller pins a connection on that one for ``BRPOP``), and is made again when the client pool
+is (after a disconnect).
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ def _one_pool_redis_transport() -> Any:
     from kombu.transport import redis as kredis
 
     class OnePoolChannel(kredis.Channel):
-        """A redis channel whose sync and async client pools are one and the same."""
+        """A redis channel whose sync and async client pools are one and the same, and
+        whose publishes go through one client."""
 
         def _get_pool(self, asynchronous: bool = False) -> Any:
             shared = self.__dict__.get("_mppools_pool")
@@ -70,9 +78,19 @@ def _one_pool_redis_transport() -> Any:
                     params["driver_info"] = info
             return params
 
+        def _create_client(self, asynchronous: bool = False) -> Any:
+            if asynchronous:
+                return super()._create_client(asynchronous=True)
+            client = self.__dict__.get("_mppools_client")
+            if client is None or client.connection_pool is not self.pool:
+                client = super()._create_client(asynchronous=False)
+                self.__dict__["_mppools_client"] = client
+            return client
+
         def _disconnect_pools(self) -> None:
             super()._disconnect_pools()
             self.__dict__.pop("_mppools_pool", None)
+            self.__dict__.pop("_mppools_client", None)
 
     class OnePoolTransport(kredis.Transport):
         Channel = OnePoolChannel

@@ -160,6 +160,38 @@ def test_a_new_pooled_redis_connection_does_not_read_package_metadata(
     assert _count(redis_server.url, queue) == 5
 
 
+@pytest.mark.redis
+def test_a_pooled_redis_channel_publishes_through_one_client(
+        redis_server: Any, budget_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu makes a new redis-py client for every publish (``conn_or_acquire()``), whose
+    constructor fills ~170 response callbacks: a third of a publish's CPU. The pooled
+    channel keeps one (made again after a disconnect), apart from the channel's ``client``
+    (where kombu's poller pins a connection for BRPOP)."""
+    import redis
+
+    real = redis.Redis.__init__
+    made = [0]
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        made[0] += 1
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "__init__", counting)
+    mppools.configure(limit=1, name=budget_name, acquire_timeout=10)
+    queue = f"q-{budget_name}"
+    with pools.producers[Connection(redis_server.url)].acquire(block=True, timeout=10) as p:
+        channel = p.connection.default_channel
+        before = made[0]
+        for i in range(20):
+            p.publish({"i": i}, routing_key=queue, declare=[Queue(queue)], retry=False)
+        assert made[0] - before <= 1, made  # at most one, for all 20 publishes and declare
+        assert channel.client is not channel._create_client()
+        assert channel.client.connection_pool is channel._create_client().connection_pool
+        channel._disconnect_pools()
+        assert channel._create_client().connection_pool is channel.pool  # made again
+    assert _count(redis_server.url, queue) == 20
+
+
 def test_a_channel_that_names_its_own_driver_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("redis.driver_info")
     import redis
