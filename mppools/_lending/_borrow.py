@@ -55,7 +55,7 @@ LENDABLE_DRIVERS = frozenset({"redis", "amqp"})
 #: not one to borrow from
 ASK_TIMEOUT = 0.01
 #: how long either end waits for the other's frame outside a call: a borrow request after
-#: the connect, the lender's answer to ``end`` (seconds)
+#: the connect, room for the ``end`` (seconds)
 FRAME_TIMEOUT = 0.5
 #: how long one forwarded call may take at most (a publish with confirms to a slow broker
 #: included) before the loan counts as lost
@@ -120,16 +120,14 @@ class Loan:
             return True
 
     def end(self) -> None:
-        """Give the connection back (the lender puts it back in its pool)."""
+        """Give the connection back (the lender puts it back in its pool, or offers it to
+        the next waiter). Not answered: nothing the borrower does next depends on when."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
         try:
             sock.settimeout(FRAME_TIMEOUT)
             _wire.send(sock, ("end", tuple(self.declared - self.known)))
-            # the lender answers once the connection is back in its pool (idle): a borrow
-            # right after this one finds it there
-            _wire.recv(sock)
         except OSError:
             pass  # the lender sees EOF instead
         finally:

@@ -259,8 +259,6 @@ class Lender:
             broken = self._carry(peer, conn)
             self._give_back(conn, broken=bool(broken))
             lent = None
-            if broken is None:
-                _wire.send(peer, ("ended",))
         except OSError:
             if lent is not None:  # the borrower went away mid-call
                 self._give_back(lent, broken=False)
@@ -375,9 +373,8 @@ class Lender:
         return since is None or time.monotonic() - since < MIN_LEND_CYCLE
 
     def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
-        """Run the borrower's calls until it ends the loan: None if it ended it (and waits
-        for the give-back to be answered), False on anything else, True if the connection
-        broke."""
+        """Run the borrower's calls until it ends the loan: None if it ended it, False on
+        anything else, True if the connection broke."""
         errors = tuple(conn.connection_errors)
         while True:
             request = _wire.recv(peer)
