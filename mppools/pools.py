@@ -134,10 +134,16 @@ class LimitedConnection(PooledConnection):
     _mppools_first_done_at: float = 0.0
     #: its sockets were cut (its lease was lost): closed at its release, never reused
     _mppools_severed: bool = False
-    #: the last release-to-release time seen while others waited (its holder's own
-    #: releases, loans in between or not): a connection reused within MIN_LEND_CYCLE (a
-    #: tight loop) is not lent (its own thread needs it back)
-    _mppools_cycle: float = float("inf")
+    #: how soon its own process wanted it again after a release (from the release to the
+    #: next acquire, loans in between or not): the median of the last three times, taken
+    #: while others waited (-1 until measured). A connection wanted back within
+    #: MIN_LEND_GAP (a tight loop) is not lent: a loan would only make its own thread wait.
+    #: The median, as a tight loop's process descheduled once between two uses (a 2-core
+    #: host running 8 workers) must not pass for one between two requests.
+    _mppools_gap: float = -1.0
+    _mppools_gaps: tuple[float, ...] = ()
+    #: when its current use began, if others waited then; when it was last released
+    _mppools_acquired_at: float = float("-inf")
     _mppools_released_at: float = float("-inf")
 
     # slot life cycle ----------------------------------------------------------------------
@@ -161,7 +167,8 @@ class LimitedConnection(PooledConnection):
         self._mppools_first_use = True
         self._mppools_uses = self._mppools_turn_uses = 0
         self._mppools_severed = False
-        self._mppools_cycle, self._mppools_released_at = float("inf"), float("-inf")
+        self._mppools_gap, self._mppools_gaps = -1.0, ()
+        self._mppools_acquired_at = self._mppools_released_at = float("-inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -229,11 +236,21 @@ class LimitedConnection(PooledConnection):
         if limiter is not None and uses > 1 and spent > 0.0:
             limiter.note_use_rate((uses - 1) / spent)
 
+    def _mppools_note_use(self, now: float) -> None:
+        """At a release while others wait: if this use began under pressure after the
+        previous release, fold how soon after it that was into the median of the last
+        three (of two: the smaller)."""
+        began, last = self._mppools_acquired_at, self._mppools_released_at
+        if last < began <= now:
+            gaps = (*self._mppools_gaps[-2:], began - last)
+            self._mppools_gaps = gaps
+            self._mppools_gap = sorted(gaps)[(len(gaps) - 1) // 2]
+
     def _mppools_lendable(self) -> bool:
         """True if lending may take this connection off its holder (lending on, a lendable
-        transport, a lending socket up, and not reused within MIN_LEND_CYCLE last time: a
-        tight loop's own thread wants it back at once)."""
-        return (self._mppools_cycle >= _lending.MIN_LEND_CYCLE and _config.lending()
+        transport, a lending socket up, and known not to be wanted back within MIN_LEND_GAP
+        of a release: a tight loop's own thread wants it back at once)."""
+        return (self._mppools_gap >= _lending.MIN_LEND_GAP and _config.lending()
                 and _lending.lendable(self._pool) and _lending.lender().listening())
 
     def _mppools_idle_while_waited_for(self, now: float, turn_done: bool) -> None:
@@ -428,8 +445,11 @@ class LimitedConnectionPool(ConnectionPool):
         if at >= 0:
             view = conn._mppools_view
             try:
-                if not view[conn._mppools_pressure_at] & PRESSURE_DEBT:
+                pressure = view[conn._mppools_pressure_at]
+                if not pressure & PRESSURE_DEBT:
                     view[at] = STATE_BUSY
+                    if pressure:  # others wait: when this use began (lending)
+                        conn._mppools_acquired_at = time.monotonic()
                     return conn
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 conn._mppools_view, conn._mppools_at = None, -1
@@ -453,8 +473,11 @@ class LimitedConnectionPool(ConnectionPool):
         if at >= 0:
             view = conn._mppools_view
             try:
-                if not view[conn._mppools_pressure_at] & PRESSURE_DEBT:
+                pressure = view[conn._mppools_pressure_at]
+                if not pressure & PRESSURE_DEBT:
                     view[at] = STATE_BUSY
+                    if pressure:
+                        conn._mppools_acquired_at = time.monotonic()
                     return True
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 conn._mppools_view, conn._mppools_at = None, -1
@@ -466,6 +489,8 @@ class LimitedConnectionPool(ConnectionPool):
         if conn._mppools_severed or limiter.in_debt():
             return False
         limiter.mark_busy(slot)
+        if limiter.under_pressure():
+            conn._mppools_acquired_at = time.monotonic()
         return True
 
     def _acquire_cold(self, conn: LimitedConnection, block: bool, timeout: float | None,
@@ -489,10 +514,13 @@ class LimitedConnectionPool(ConnectionPool):
         if block and _lending.lender().lending_from(self):
             # a connection of ours is out on loan: it comes back in a moment (a loan is one
             # publish), which beats waiting for a slot and a set-up
+            wanted = time.monotonic()
             wait = RECLAIM_WAIT if deadline is None else min(RECLAIM_WAIT,
                                                              _remaining(deadline) or 0.0)
             mine = _lending.lender().reclaim(self, wait)
             if mine is not None:
+                # its use began when it was wanted (the wait for the loan's end is held time)
+                mine._mppools_acquired_at = wanted
                 # ours instead of the placeholder we took (which stood for it: dropped)
                 self._dirty.discard(conn)
                 self._dirty.add(mine)
@@ -541,7 +569,6 @@ class LimitedConnectionPool(ConnectionPool):
         if at >= 0:
             view = resource._mppools_view
             now = time.monotonic()
-            since, resource._mppools_released_at = resource._mppools_released_at, now
             resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
@@ -549,8 +576,9 @@ class LimitedConnectionPool(ConnectionPool):
                 pressure = view[resource._mppools_pressure_at]
                 turn_done = False
                 if pressure:
-                    resource._mppools_cycle = now - since
+                    resource._mppools_note_use(now)
                     turn_done = resource._mppools_turn_done(now)
+                resource._mppools_released_at = now
                 if pressure and (pressure & PRESSURE_DEBT or (
                         turn_done and not resource._mppools_lendable())):
                     # someone waits and this connection had its quantum (or the budget
@@ -567,14 +595,14 @@ class LimitedConnectionPool(ConnectionPool):
         elif resource._mppools_slot is not None:
             limiter = resource._mppools_limiter
             now = time.monotonic()
-            since, resource._mppools_released_at = resource._mppools_released_at, now
             resource._mppools_uses += 1
             if resource._mppools_first_use:
                 resource._mppools_fit_quantum(now)
             turn_done = False
             if limiter.under_pressure():
-                resource._mppools_cycle = now - since
+                resource._mppools_note_use(now)
                 turn_done = resource._mppools_turn_done(now)
+            resource._mppools_released_at = now
             if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
                     turn_done and not resource._mppools_lendable()):
                 resource._mppools_note_turn(now)

@@ -515,23 +515,29 @@ def test_memory_transport_does_not_lend(budget_name: str) -> None:
 
 @pytest.mark.redis
 def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name: str) -> None:
-    """A connection reused within MIN_LEND_CYCLE of its previous release while others wait,
-    and idle for less than that now, is not lent (its own thread wants it back at once);
-    one that has been idle longer is."""
-    from mppools._lending import MIN_LEND_CYCLE, lender, pool_key
+    """A connection its own process wants back within MIN_LEND_GAP of a release (measured
+    while others wait) is not lent however long it sits idle: a tight loop takes turns
+    (hand-overs), a loan would only make its own thread wait. One not measured yet is lent
+    once it has sat idle for MIN_LEND_IDLE; one known to be wanted back later, at once."""
+    from mppools._lending import MIN_LEND_GAP, MIN_LEND_IDLE, lender, pool_key
 
     mppools.configure(limit=1, name=budget_name, idle_timeout=None)
     _hold_idle(redis_server.url, f"tight-{budget_name}")
     pool = pools.connections[Connection(redis_server.url)]
     (conn,) = [c for c in pool._resource.queue if getattr(c, "_mppools_slot", None)]
-    conn._mppools_cycle = MIN_LEND_CYCLE / 10
-    conn._mppools_idle_since = time.monotonic()
-    assert lender()._take(pool_key(pool)) is None
-    conn._mppools_idle_since = time.monotonic() - 2 * MIN_LEND_CYCLE  # idle for a while now
-    taken = lender()._take(pool_key(pool))
-    assert taken is conn
-    lender()._give_back(conn, broken=False)
-    assert conn in list(pool._resource.queue)
+    a_while_ago = time.monotonic() - 10 * MIN_LEND_IDLE
+    for gap, idle_since, lent in [
+            (MIN_LEND_GAP / 10, time.monotonic(), False),
+            (MIN_LEND_GAP / 10, a_while_ago, False),  # a tight loop: idle for long or not
+            (-1.0, time.monotonic(), False),  # not measured: not at once ...
+            (-1.0, a_while_ago, True),  # ... but once it sat idle a moment
+            (MIN_LEND_GAP * 10, time.monotonic(), True)]:  # wanted back later: at once
+        conn._mppools_gap, conn._mppools_idle_since = gap, idle_since
+        taken = lender()._take(pool_key(pool))
+        assert (taken is conn) == lent, (gap, idle_since)
+        if taken is not None:
+            lender()._give_back(conn, broken=False)
+            assert conn in list(pool._resource.queue)
 
 
 def _waiting() -> int:
@@ -563,7 +569,7 @@ def test_an_idle_connection_is_kept_for_the_oldest_waiter_then_offered_to_the_ne
     first = _stopped_waiter(pair)
     try:
         pair.lender.call("release_busy")  # offered to the stopped waiter, kept for it
-        assert pair.lender.call("idle_held", pair.url) == 0
+        assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 0) == 0
         second = Worker(_HANDLERS)
         try:
             # waits behind the first (no asking around while others wait); the offer runs
@@ -592,7 +598,7 @@ def test_the_lenders_own_thread_takes_back_a_connection_kept_for_a_waiter(
     first = _stopped_waiter(pair)
     try:
         pair.lender.call("release_busy")
-        assert pair.lender.call("idle_held", pair.url) == 0  # kept for the waiter
+        assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 0) == 0  # kept
         assert pair.lender.call("publish", pair.url, pair.name, {"from": "lender"}) == \
             "LimitedConnection"
     finally:

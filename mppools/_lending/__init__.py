@@ -21,11 +21,12 @@ from typing import Any
 
 from mppools._limiter._base import LoanOffer
 
-from ._borrow import MIN_LEND_CYCLE, BorrowedConnection, Loan, ask, claim, decline
+from ._borrow import MIN_LEND_GAP, MIN_LEND_IDLE, BorrowedConnection, Loan, ask, claim, decline
 from ._lender import Lender, key_digest, lendable, lender, pool_key
 
 __all__ = [
-    "MIN_LEND_CYCLE",
+    "MIN_LEND_GAP",
+    "MIN_LEND_IDLE",
     "Borrowed",
     "BorrowedConnection",
     "Borrower",

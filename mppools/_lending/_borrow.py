@@ -35,7 +35,8 @@ __all__ = [
     "CALL_TIMEOUT",
     "FRAME_TIMEOUT",
     "LENDABLE_DRIVERS",
-    "MIN_LEND_CYCLE",
+    "MIN_LEND_GAP",
+    "MIN_LEND_IDLE",
     "BorrowedConnection",
     "Loan",
     "ask",
@@ -44,10 +45,14 @@ __all__ = [
     "decline",
 ]
 
-#: a connection is lent only if its holder's last release-to-release time (under
-#: contention) was at least this long (seconds): one reused within it is in a tight loop,
-#: where a loan only makes its own thread wait for it
-MIN_LEND_CYCLE = 0.002
+#: a connection is lent only if its own process wants it again no sooner than this after a
+#: release (the median of its last three times, measured while others wait; seconds): one
+#: wanted back sooner is in a tight loop, which takes turns (hand-overs), as a loan would
+#: only make its own thread wait for it
+MIN_LEND_GAP = 0.002
+#: ... and one not measured yet only once it has sat idle in its pool for this long now
+#: (seconds)
+MIN_LEND_IDLE = 0.002
 #: transports whose connections are lent (their channels publish synchronously)
 LENDABLE_DRIVERS = frozenset({"redis", "amqp"})
 #: how long a lender may take to answer a borrow request (seconds): it answers from memory,

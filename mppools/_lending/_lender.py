@@ -44,7 +44,7 @@ from mppools import _fork, _green
 from mppools._limiter._base import Offer
 
 from . import _wire
-from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_CYCLE
+from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_GAP, MIN_LEND_IDLE
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -318,7 +318,8 @@ class Lender:
         queue if that waiter may borrow it (the limiter's ``offer_loan``), for OFFER_WAIT at
         most (:attr:`~Offer.MADE`). Otherwise ``conn`` stays in its pool, and the result says
         whether to hand its slot over (:attr:`~Offer.HAND_OVER`: not lending, a thread of
-        ours waits for a connection of its pool, or the head of the queue cannot borrow it)
+        ours waits for a connection of its pool, it is in a tight loop, or the head of the
+        queue cannot borrow it)
         or to keep it idle (:attr:`~Offer.NOT_NEEDED`: every waiter has an offer out, or it
         is not idle in its pool any more)."""
         from mppools import _config
@@ -326,8 +327,13 @@ class Lender:
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
         if (self._sock is None or slot is None or limiter is None or conn._mppools_severed
                 or conn._connection is None or _config.current() is not limiter
-                or limiter.in_debt() or id(conn._pool) in self._claims):
+                or limiter.in_debt() or id(conn._pool) in self._claims
+                or 0.0 <= conn._mppools_gap < MIN_LEND_GAP):
+            # a tight loop's connection (its own thread wants it back at once) takes
+            # turns: handed over, not lent
             return Offer.HAND_OVER
+        if self._in_tight_loop(conn):
+            return Offer.NOT_NEEDED  # not known yet: lent once it has sat idle a moment
         if not conn._mppools_take_if_idle():
             return Offer.NOT_NEEDED
         self._taken(conn)
@@ -365,12 +371,14 @@ class Lender:
 
     @staticmethod
     def _in_tight_loop(conn: LimitedConnection) -> bool:
-        """Reused within MIN_LEND_CYCLE last time, and idle for less than that now: its own
-        thread will want it back at once."""
-        if conn._mppools_cycle >= MIN_LEND_CYCLE:
-            return False
+        """Wanted back within MIN_LEND_GAP of a release (measured while others waited), or
+        not measured yet and idle for less than MIN_LEND_IDLE now: its own thread may want
+        it back at once."""
+        gap = conn._mppools_gap
+        if gap >= 0.0:
+            return gap < MIN_LEND_GAP
         since = conn._mppools_idle_since
-        return since is None or time.monotonic() - since < MIN_LEND_CYCLE
+        return since is None or time.monotonic() - since < MIN_LEND_IDLE
 
     def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
         """Run the borrower's calls until it ends the loan: None if it ended it, False on
