@@ -327,7 +327,8 @@ class Keeper:
             if outcome is Offer.MADE:
                 return  # kept for the head of the queue: no hand-over
             if outcome is Offer.NOT_NEEDED:
-                # every waiter has an offer out: look again in a grace
+                # every waiter has an offer out, or it is to sit idle a moment before it is
+                # lent: look again in a grace
                 self._deferred[token] = now + idle_grace()
                 return
         if conn._mppools_take_if_idle():

@@ -134,14 +134,18 @@ class LimitedConnection(PooledConnection):
     _mppools_first_done_at: float = 0.0
     #: its sockets were cut (its lease was lost): closed at its release, never reused
     _mppools_severed: bool = False
-    #: how soon its own process wanted it again after a release (from the release to the
-    #: next acquire, loans in between or not): the median of the last three times, taken
-    #: while others waited (-1 until measured). A connection wanted back within
-    #: MIN_LEND_GAP (a tight loop) is not lent: a loan would only make its own thread wait.
-    #: The median, as a tight loop's process descheduled once between two uses (a 2-core
-    #: host running 8 workers) must not pass for one between two requests.
+    #: how often its own process uses it: the time from the start of one use to the start
+    #: of the next (loans in between or not), the median of the last three, taken while
+    #: others waited (-1 until measured). A connection used more often than every
+    #: MIN_LEND_GAP (a tight loop) is not lent: a loan would only make its own thread
+    #: wait, and it takes turns. From start to start, not from a release to the next
+    #: acquire: a request-shaped worker with requests queued reuses its connection soon
+    #: after a release too, but once per request (milliseconds apart); the median, as a
+    #: tight loop's process descheduled once (a 2-core host running 8 workers) must not
+    #: pass for one between two requests.
     _mppools_gap: float = -1.0
     _mppools_gaps: tuple[float, ...] = ()
+    _mppools_began_before: float = float("-inf")
     #: when its current use began, if others waited then; when it was last released
     _mppools_acquired_at: float = float("-inf")
     _mppools_released_at: float = float("-inf")
@@ -168,6 +172,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_uses = self._mppools_turn_uses = 0
         self._mppools_severed = False
         self._mppools_gap, self._mppools_gaps = -1.0, ()
+        self._mppools_began_before = float("-inf")
         self._mppools_acquired_at = self._mppools_released_at = float("-inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
@@ -238,13 +243,15 @@ class LimitedConnection(PooledConnection):
 
     def _mppools_note_use(self, now: float) -> None:
         """At a release while others wait: if this use began under pressure after the
-        previous release, fold how soon after it that was into the median of the last
-        three (of two: the smaller)."""
-        began, last = self._mppools_acquired_at, self._mppools_released_at
-        if last < began <= now:
-            gaps = (*self._mppools_gaps[-2:], began - last)
-            self._mppools_gaps = gaps
-            self._mppools_gap = sorted(gaps)[(len(gaps) - 1) // 2]
+        previous release, fold the time from the previous use's start to this one's into
+        the median of the last three (of two: the smaller)."""
+        began, before = self._mppools_acquired_at, self._mppools_began_before
+        if self._mppools_released_at < began <= now:
+            self._mppools_began_before = began
+            if before > float("-inf"):
+                gaps = (*self._mppools_gaps[-2:], began - before)
+                self._mppools_gaps = gaps
+                self._mppools_gap = sorted(gaps)[(len(gaps) - 1) // 2]
 
     def _mppools_lendable(self) -> bool:
         """True if lending may take this connection off its holder (lending on, a lendable

@@ -45,10 +45,10 @@ __all__ = [
     "decline",
 ]
 
-#: a connection is lent only if its own process wants it again no sooner than this after a
-#: release (the median of its last three times, measured while others wait; seconds): one
-#: wanted back sooner is in a tight loop, which takes turns (hand-overs), as a loan would
-#: only make its own thread wait for it
+#: a connection is lent only if its own process uses it no more often than once in this
+#: long (start to start, the median of its last three uses, measured while others wait;
+#: seconds): one used more often is in a tight loop, which takes turns (hand-overs), as a
+#: loan would only make its own thread wait for it
 MIN_LEND_GAP = 0.002
 #: ... and one not measured yet only once it has sat idle in its pool for this long now
 #: (seconds)

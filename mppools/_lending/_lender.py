@@ -319,21 +319,20 @@ class Lender:
         most (:attr:`~Offer.MADE`). Otherwise ``conn`` stays in its pool, and the result says
         whether to hand its slot over (:attr:`~Offer.HAND_OVER`: not lending, a thread of
         ours waits for a connection of its pool, it is in a tight loop, or the head of the
-        queue cannot borrow it)
-        or to keep it idle (:attr:`~Offer.NOT_NEEDED`: every waiter has an offer out, or it
-        is not idle in its pool any more)."""
+        queue cannot borrow it) or to keep it idle and look again (:attr:`~Offer.NOT_NEEDED`:
+        every waiter has an offer out, it is not idle in its pool any more, or its use is
+        not measured yet and it has not sat idle for MIN_LEND_IDLE)."""
         from mppools import _config
 
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
         if (self._sock is None or slot is None or limiter is None or conn._mppools_severed
                 or conn._connection is None or _config.current() is not limiter
-                or limiter.in_debt() or id(conn._pool) in self._claims
-                or 0.0 <= conn._mppools_gap < MIN_LEND_GAP):
-            # a tight loop's connection (its own thread wants it back at once) takes
-            # turns: handed over, not lent
+                or limiter.in_debt() or id(conn._pool) in self._claims):
             return Offer.HAND_OVER
         if self._in_tight_loop(conn):
-            return Offer.NOT_NEEDED  # not known yet: lent once it has sat idle a moment
+            # a tight loop's connection (its own thread wants it back at once) takes turns:
+            # handed over, not lent; one not measured yet is lent once idle a moment
+            return Offer.HAND_OVER if conn._mppools_gap >= 0.0 else Offer.NOT_NEEDED
         if not conn._mppools_take_if_idle():
             return Offer.NOT_NEEDED
         self._taken(conn)

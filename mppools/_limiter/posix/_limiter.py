@@ -527,8 +527,9 @@ class PosixLimiter(Limiter):
                     while offers:
                         on_wait(offers.pop(0))  # raises if the loan came through
                     # none came through (taken back meanwhile): offers may come again
-                    with self._locked():
-                        self._table.set_offered(windex, False)
+                    if windex >= 0:
+                        with self._locked():
+                            self._table.set_offered(windex, False)
                 self._request_yields(holders, max(waiting, 1))
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
