@@ -255,8 +255,8 @@ class LimitedConnection(PooledConnection):
 
     def _mppools_lendable(self) -> bool:
         """True if lending may take this connection off its holder (lending on, a lendable
-        transport, a lending socket up, and known not to be wanted back within MIN_LEND_GAP
-        of a release: a tight loop's own thread wants it back at once)."""
+        transport, a lending socket up, and its own process known to use it no more often
+        than once every MIN_LEND_GAP: a tight loop's own thread wants it back at once)."""
         return (self._mppools_gap >= _lending.MIN_LEND_GAP and _config.lending()
                 and _lending.lendable(self._pool) and _lending.lender().listening())
 

@@ -515,10 +515,10 @@ def test_memory_transport_does_not_lend(budget_name: str) -> None:
 
 @pytest.mark.redis
 def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name: str) -> None:
-    """A connection its own process wants back within MIN_LEND_GAP of a release (measured
-    while others wait) is not lent however long it sits idle: a tight loop takes turns
-    (hand-overs), a loan would only make its own thread wait. One not measured yet is lent
-    once it has sat idle for MIN_LEND_IDLE; one known to be wanted back later, at once."""
+    """A connection its own process uses more often than once every MIN_LEND_GAP
+    (measured while others wait) is not lent however long it sits idle: a tight loop takes
+    turns (hand-overs), a loan would only make its own thread wait. One not measured yet is
+    lent once it has sat idle for MIN_LEND_IDLE; one known to be used less often, at once."""
     from mppools._lending import MIN_LEND_GAP, MIN_LEND_IDLE, lender, pool_key
 
     mppools.configure(limit=1, name=budget_name, idle_timeout=None)
@@ -531,7 +531,7 @@ def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name
             (MIN_LEND_GAP / 10, a_while_ago, False),  # a tight loop: idle for long or not
             (-1.0, time.monotonic(), False),  # not measured: not at once ...
             (-1.0, a_while_ago, True),  # ... but once it sat idle a moment
-            (MIN_LEND_GAP * 10, time.monotonic(), True)]:  # wanted back later: at once
+            (MIN_LEND_GAP * 10, time.monotonic(), True)]:  # used less often: at once
         conn._mppools_gap, conn._mppools_idle_since = gap, idle_since
         taken = lender()._take(pool_key(pool))
         assert (taken is conn) == lent, (gap, idle_since)

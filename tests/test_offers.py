@@ -1,10 +1,13 @@
-"""Who an idle connection is offered to (lending): the head of the waiter queue only.
+"""Who an idle connection is offered to (lending): the head of the waiter queue only; and
+which connections are not offered (a tight loop: its use period).
 
 The shared table's rule (``Table.oldest_to_offer``), on a table over a scratch buffer; the
 processes that use it are in tests/test_lending.py.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -64,3 +67,34 @@ def test_a_grant_overwrites_the_offer_mark() -> None:
     assert not w.offered and w.wants == 0 and (w.granted_index, w.granted_token) == (2, 99)
     t.set_offered(0, True)  # not WAITING: no-op, the grant stays intact
     assert t.read_waiter(0).granted_index == 2
+
+
+def _uses(starts_and_ends: list[tuple[float, float]]) -> float:
+    """The use period a connection measures (LimitedConnection._mppools_note_use) for uses
+    that each began and ended under pressure at these times (seconds)."""
+    from types import SimpleNamespace
+
+    from mppools.pools import LimitedConnection
+
+    conn: Any = SimpleNamespace(_mppools_gap=-1.0, _mppools_gaps=(),
+                                _mppools_began_before=float("-inf"),
+                                _mppools_acquired_at=float("-inf"),
+                                _mppools_released_at=float("-inf"))
+    for began, ended in starts_and_ends:
+        conn._mppools_acquired_at = began
+        LimitedConnection._mppools_note_use(conn, ended)
+        conn._mppools_released_at = ended
+    return float(conn._mppools_gap)
+
+
+def test_the_use_period_runs_start_to_start_and_takes_the_median_of_three() -> None:
+    from mppools._lending import MIN_LEND_GAP
+
+    assert _uses([(0.0, 0.001)]) == -1.0  # one use: no period yet
+    # a tight loop (a use every 0.3 ms), descheduled once for 5 ms: still a tight loop
+    tight = [(0.0, 0.0002), (0.0003, 0.0005), (0.0053, 0.0055), (0.0056, 0.0058)]
+    assert _uses(tight) == pytest.approx(0.0003) and _uses(tight) < MIN_LEND_GAP
+    # a worker with requests queued: released and reused 0.1 ms later, but once per request
+    # (every 10 ms): not a tight loop, though its release-to-acquire gap is short
+    queued = [(0.0, 0.0099), (0.0100, 0.0199), (0.0200, 0.0299), (0.0300, 0.0399)]
+    assert _uses(queued) == pytest.approx(0.01) and _uses(queued) >= MIN_LEND_GAP

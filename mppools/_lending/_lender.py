@@ -370,9 +370,9 @@ class Lender:
 
     @staticmethod
     def _in_tight_loop(conn: LimitedConnection) -> bool:
-        """Wanted back within MIN_LEND_GAP of a release (measured while others waited), or
-        not measured yet and idle for less than MIN_LEND_IDLE now: its own thread may want
-        it back at once."""
+        """Used by its own process more often than once every MIN_LEND_GAP (measured while
+        others waited), or not measured yet and idle for less than MIN_LEND_IDLE now: its
+        own thread may want it back at once."""
         gap = conn._mppools_gap
         if gap >= 0.0:
             return gap < MIN_LEND_GAP
