@@ -146,9 +146,8 @@ class LimitedConnection(PooledConnection):
     _mppools_gap: float = -1.0
     _mppools_gaps: tuple[float, ...] = ()
     _mppools_began_before: float = float("-inf")
-    #: when its current use began, if others waited then; when it was last released
+    #: when its current use began, if others waited then (-inf once counted)
     _mppools_acquired_at: float = float("-inf")
-    _mppools_released_at: float = float("-inf")
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -173,7 +172,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_severed = False
         self._mppools_gap, self._mppools_gaps = -1.0, ()
         self._mppools_began_before = float("-inf")
-        self._mppools_acquired_at = self._mppools_released_at = float("-inf")
+        self._mppools_acquired_at = float("-inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -241,12 +240,13 @@ class LimitedConnection(PooledConnection):
         if limiter is not None and uses > 1 and spent > 0.0:
             limiter.note_use_rate((uses - 1) / spent)
 
-    def _mppools_note_use(self, now: float) -> None:
-        """At a release while others wait: if this use began under pressure after the
-        previous release, fold the time from the previous use's start to this one's into
-        the median of the last three (of two: the smaller)."""
+    def _mppools_note_use(self) -> None:
+        """At a release while others wait: if this use's start was stamped (it began under
+        pressure) and not counted yet, fold the time from the previous counted start to it
+        into the median of the last three (of two: the smaller)."""
         began, before = self._mppools_acquired_at, self._mppools_began_before
-        if self._mppools_released_at < began <= now:
+        if began > float("-inf"):
+            self._mppools_acquired_at = float("-inf")  # counted once
             self._mppools_began_before = began
             if before > float("-inf"):
                 gaps = (*self._mppools_gaps[-2:], began - before)
@@ -583,9 +583,8 @@ class LimitedConnectionPool(ConnectionPool):
                 pressure = view[resource._mppools_pressure_at]
                 turn_done = False
                 if pressure:
-                    resource._mppools_note_use(now)
+                    resource._mppools_note_use()
                     turn_done = resource._mppools_turn_done(now)
-                resource._mppools_released_at = now
                 if pressure and (pressure & PRESSURE_DEBT or (
                         turn_done and not resource._mppools_lendable())):
                     # someone waits and this connection had its quantum (or the budget
@@ -607,9 +606,8 @@ class LimitedConnectionPool(ConnectionPool):
                 resource._mppools_fit_quantum(now)
             turn_done = False
             if limiter.under_pressure():
-                resource._mppools_note_use(now)
+                resource._mppools_note_use()
                 turn_done = resource._mppools_turn_done(now)
-            resource._mppools_released_at = now
             if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
                     turn_done and not resource._mppools_lendable()):
                 resource._mppools_note_turn(now)

@@ -199,6 +199,16 @@ def _release_busy() -> None:
     _held.pop("busy").release()
 
 
+def _raw_acquire(url: str) -> str:
+    """A raw ``connections.acquire()`` (it can do anything: never a loan), connected."""
+    conn = pools.connections[Connection(url)].acquire(block=True, timeout=10)
+    try:
+        conn.default_channel  # noqa: B018 - connects
+        return type(conn).__name__
+    finally:
+        conn.release()
+
+
 def _lender_calls() -> dict[str, int]:
     from mppools._lending import lender
 
@@ -210,7 +220,7 @@ _HANDLERS = {
     "join": _join, "hold_idle": _hold_idle, "idle_held": _idle_held, "publish": _publish,
     "take": _take, "publish_held": _publish_held, "release_held": _release_held,
     "consume": _consume, "fork_while_lent": _fork_while_lent, "hold_idle_raw": _hold_idle_raw,
-    "hold_busy": _hold_busy, "release_busy": _release_busy,
+    "hold_busy": _hold_busy, "release_busy": _release_busy, "raw_acquire": _raw_acquire,
 }
 
 
@@ -606,3 +616,14 @@ def test_the_lenders_own_thread_takes_back_a_connection_kept_for_a_waiter(
     assert first.answer(timeout=15) == "BorrowedConnection"
     assert pair.proxy.total_accepted == opened
     assert _count(pair.direct, pair.name) == 3
+
+
+def test_a_waiter_that_cannot_borrow_gets_the_idle_slot_handed_over(pair: Pair) -> None:
+    """Promise 4 with lending on: a raw connection's waiter at the head of the queue
+    cannot borrow, so the lender's idle connection is not kept for it (nor for anyone): the
+    slot is handed over (one new broker connection, the lender's closed)."""
+    opened = pair.proxy.total_accepted
+    assert pair.borrower.call("raw_acquire", pair.url, timeout=15) == "LimitedConnection"
+    assert pair.proxy.total_accepted == opened + 1
+    assert pair.lender.call("idle_held", pair.url) == 0
+    assert pair.lender.call("lender_calls") == {}  # nothing was lent

@@ -78,12 +78,11 @@ def _uses(starts_and_ends: list[tuple[float, float]]) -> float:
 
     conn: Any = SimpleNamespace(_mppools_gap=-1.0, _mppools_gaps=(),
                                 _mppools_began_before=float("-inf"),
-                                _mppools_acquired_at=float("-inf"),
-                                _mppools_released_at=float("-inf"))
-    for began, ended in starts_and_ends:
-        conn._mppools_acquired_at = began
-        LimitedConnection._mppools_note_use(conn, ended)
-        conn._mppools_released_at = ended
+                                _mppools_acquired_at=float("-inf"))
+    for began, _ended in starts_and_ends:
+        conn._mppools_acquired_at = began  # stamped at the acquire
+        LimitedConnection._mppools_note_use(conn)  # at the release
+        LimitedConnection._mppools_note_use(conn)  # a release without a stamp counts nothing
     return float(conn._mppools_gap)
 
 

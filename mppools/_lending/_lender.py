@@ -274,22 +274,26 @@ class Lender:
             peer.close()
 
     def _take(self, key: str) -> LimitedConnection | None:
-        from mppools import _config
         from mppools._keeper import keeper
 
-        limiter = _config.current()
-        if limiter is None or limiter.in_debt():
-            return None
         for conn in keeper().held():
-            slot = conn._mppools_slot
-            if (slot is None or conn._mppools_severed or conn._connection is None
-                    or pool_key(conn._pool) != key or id(conn._pool) in self._claims
-                    or self._in_tight_loop(conn)):
-                continue
-            if conn._mppools_take_if_idle():
+            if (self._may_lend(conn) and pool_key(conn._pool) == key
+                    and not self._in_tight_loop(conn) and conn._mppools_take_if_idle()):
                 self._taken(conn)
                 return conn
         return None
+
+    def _may_lend(self, conn: LimitedConnection) -> bool:
+        """True if ``conn`` is one to lend at all: connected, holding a slot of the current
+        budget, which is not in debt, not cut, and no thread of ours waits for a
+        connection of its pool (:meth:`reclaim`)."""
+        from mppools import _config
+
+        limiter = conn._mppools_limiter
+        return (conn._mppools_slot is not None and limiter is not None
+                and _config.current() is limiter and not limiter.in_debt()
+                and not conn._mppools_severed and conn._connection is not None
+                and id(conn._pool) not in self._claims)
 
     def _taken(self, conn: LimitedConnection) -> None:
         """``conn`` was just taken out of its pool to be lent or offered."""
@@ -322,12 +326,8 @@ class Lender:
         queue cannot borrow it) or to keep it idle and look again (:attr:`~Offer.NOT_NEEDED`:
         every waiter has an offer out, it is not idle in its pool any more, or its use is
         not measured yet and it has not sat idle for MIN_LEND_IDLE)."""
-        from mppools import _config
-
-        slot, limiter = conn._mppools_slot, conn._mppools_limiter
-        if (self._sock is None or slot is None or limiter is None or conn._mppools_severed
-                or conn._connection is None or _config.current() is not limiter
-                or limiter.in_debt() or id(conn._pool) in self._claims):
+        limiter = conn._mppools_limiter
+        if self._sock is None or limiter is None or not self._may_lend(conn):
             return Offer.HAND_OVER
         if self._in_tight_loop(conn):
             # a tight loop's connection (its own thread wants it back at once) takes turns:
