@@ -57,6 +57,8 @@ MAX_IDLE_GRACE = 0.05
 #: how long a connection in use may finish what it does (a publish) after a sever request
 #: before its sockets are cut (seconds; well inside the cross-host fencing margin)
 SEVER_GRACE = 0.05
+#: a look due this soon (seconds) is not moved earlier: the keeper is not woken for it
+MIN_LOOK = 0.001
 
 
 def idle_grace() -> float:
@@ -97,6 +99,16 @@ def _offer(conn: LimitedConnection) -> Offer:
     if not (_config.lending() and _lending.lendable(conn._pool)):
         return Offer.HAND_OVER
     return _lending.lender().offer(conn)
+
+
+def _lend_from(conn: LimitedConnection) -> float | None:
+    """When ``conn`` may be lent (``Lender.lend_from``); None if never now (lending off, its
+    transport does not lend, it is not idle or in a tight loop)."""
+    from mppools import _config, _lending
+
+    if not (_config.lending() and _lending.lendable(conn._pool)):
+        return None
+    return _lending.lender().lend_from(conn)
 
 
 class Keeper:
@@ -142,14 +154,26 @@ class Keeper:
             with self._lock:
                 self._starting = False
 
-    def look_again(self, token: int) -> None:
-        """The connection holding ``token`` went idle while someone waits, inside its hold
-        quantum: hand it on if it is still idle a grace (:func:`idle_grace`) from now (no
-        waiter has to ask).
-        Called by the pools from any thread; one wake-up of the keeper per look."""
-        if token in self._deferred or self._sock is None:
+    def look_again(self, token: int, conn: LimitedConnection | None = None) -> None:
+        """The connection holding ``token`` (``conn``) went idle while someone waits, inside
+        its hold quantum or not lendable yet: look at it again when it may be lent
+        (:func:`_lend_from`) or, at the latest, a grace (:func:`idle_grace`) from now, and
+        lend it or hand it on if it is still idle then (no waiter has to ask).
+        Called by the pools and the lending thread from any thread; one wake-up of the
+        keeper per look."""
+        if self._sock is None:
             return
-        self._deferred[token] = time.monotonic() + idle_grace()
+        current = self._deferred.get(token)
+        now = time.monotonic()
+        if current is not None and current <= now + MIN_LOOK:
+            return  # looked at soon anyway
+        due = now + idle_grace()
+        lend_at = _lend_from(conn) if conn is not None else None
+        if lend_at is not None:
+            due = min(due, max(lend_at, now))
+        if current is not None and current <= due:
+            return
+        self._deferred[token] = due
         sock = self._sock
         try:
             if self._poker is None:
@@ -316,20 +340,30 @@ class Keeper:
         now = time.monotonic()
         since = conn._mppools_idle_since
         # a connection between two uses of a busy loop is not idle: it keeps its slot for
-        # its hold quantum; one idle for IDLE_GRACE (or past its quantum) is handed on now
-        ready_at = min(conn._mppools_hand_on_at,
-                       (since if since is not None else now) + idle_grace())
-        if now < ready_at and not conn._mppools_turn_done(now):
-            self._deferred[token] = ready_at
+        # its hold quantum; one idle for the grace (or past its quantum) is handed on now.
+        # A loan is no hand-over (the slot stays, nothing reconnects): a connection is
+        # offered as soon as it may be lent (its own process's use allows it)
+        hand_at = min(conn._mppools_hand_on_at,
+                      (since if since is not None else now) + idle_grace())
+        hand_due = now >= hand_at or conn._mppools_turn_done(now)
+        lend_at = _lend_from(conn) if since is not None else None
+        if not hand_due and (lend_at is None or now < lend_at):
+            self._deferred[token] = hand_at if lend_at is None else min(hand_at, lend_at)
             return
-        if conn._mppools_idle_since is not None:
+        if since is not None:
             outcome = _offer(conn)
             if outcome is Offer.MADE:
                 return  # kept for the head of the queue: no hand-over
             if outcome is Offer.NOT_NEEDED:
-                # every waiter has an offer out, or it is to sit idle a moment before it is
-                # lent: look again in a grace
-                self._deferred[token] = now + idle_grace()
+                # every waiter has an offer out (look again in a grace), or it is to sit
+                # idle a moment before it is lent (look again then)
+                due = now + idle_grace()
+                if lend_at is not None and lend_at > now:
+                    due = min(due, lend_at)
+                self._deferred[token] = due
+                return
+            if not hand_due:  # not to be lent (the head of the queue cannot borrow it)
+                self._deferred[token] = hand_at
                 return
         if conn._mppools_take_if_idle():
             self.yielded += 1

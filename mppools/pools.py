@@ -274,7 +274,7 @@ class LimitedConnection(PooledConnection):
         if outcome is Offer.MADE:
             return
         if not turn_done or outcome is Offer.NOT_NEEDED:
-            keeper().look_again(slot.token)
+            keeper().look_again(slot.token, self)
         elif self._mppools_take_if_idle():
             self._mppools_note_turn(now)
             self._mppools_close_taken()

@@ -550,6 +550,70 @@ def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name
             assert conn in list(pool._resource.queue)
 
 
+def test_a_connection_back_from_a_loan_is_lent_again_at_once(
+        redis_server: Any, budget_name: str) -> None:
+    """Regression (gunicorn at 800 req/s): a connection whose use is not measured yet was
+    lendable only after sitting idle for MIN_LEND_IDLE, counted again from the end of every
+    loan; so the next borrower, asking right after a loan ended, was refused and waited
+    for an offer (a wait of the keeper's grace, 10 ms here). Its own process has not used it
+    in between: it is lendable at once."""
+    from mppools._lending import MIN_LEND_IDLE, lender, pool_key
+
+    mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    _hold_idle(redis_server.url, f"back-{budget_name}")
+    pool = pools.connections[Connection(redis_server.url)]
+    (conn,) = [c for c in pool._resource.queue if getattr(c, "_mppools_slot", None)]
+    conn._mppools_gap = -1.0
+    conn._mppools_idle_since = time.monotonic() - 10 * MIN_LEND_IDLE
+    assert lender()._take(pool_key(pool)) is conn
+    lender()._give_back(conn, broken=False)  # the loan ends
+    assert lender()._take(pool_key(pool)) is conn, "refused right after the loan ended"
+    lender()._give_back(conn, broken=False)
+
+
+class _Recording(dict[int, float]):
+    """The keeper's deferred looks, recording every one set."""
+
+    def __init__(self, items: dict[int, float]) -> None:
+        super().__init__(items)
+        self.set: list[tuple[int, float]] = []
+
+    def __setitem__(self, key: int, value: float) -> None:
+        self.set.append((key, value))
+        super().__setitem__(key, value)
+
+
+def test_a_connection_not_lendable_yet_is_looked_at_again_when_it_is(
+        redis_server: Any, budget_name: str) -> None:
+    """Regression (gunicorn at 800 req/s): a waiter asked the keeper for an idle connection
+    that was not lendable yet (its use not measured, idle for less than MIN_LEND_IDLE); the
+    keeper looked again only a grace later (the budget's hand-over cost, up to 50 ms), though
+    lending it needs no more than MIN_LEND_IDLE. A loan is no hand-over: the look is due when
+    the connection may be lent."""
+    from mppools._keeper import MAX_IDLE_GRACE, idle_grace, keeper
+    from mppools._lending import MIN_LEND_IDLE
+
+    limiter = mppools.configure(limit=1, name=budget_name, idle_timeout=None)
+    _hold_idle(redis_server.url, f"look-{budget_name}")
+    pool = pools.connections[Connection(redis_server.url)]
+    (conn,) = [c for c in pool._resource.queue if getattr(c, "_mppools_slot", None)]
+    for _ in range(40):
+        limiter.note_handover_cost(2 * MAX_IDLE_GRACE)  # a slow broker: the longest grace
+    assert idle_grace() == MAX_IDLE_GRACE
+    k = keeper()
+    k._deferred = looks = _Recording(k._deferred)
+    # just placed (a fresh slot: its use not measured), its turn over
+    since = time.monotonic() + MAX_IDLE_GRACE / 2  # (the keeper thread must not act first)
+    conn._mppools_gap, conn._mppools_idle_since = -1.0, since
+    conn._mppools_hand_on_at = 0.0
+    k._yield_token(conn._mppools_slot.token)
+    assert looks.set, "no look again"
+    token, due = looks.set[-1]
+    assert token == conn._mppools_slot.token
+    assert due <= since + MIN_LEND_IDLE + 1e-6, (due - since, MIN_LEND_IDLE)
+    assert conn in list(pool._resource.queue)  # not handed over, not lent meanwhile
+
+
 def _waiting() -> int:
     return mppools.stats().waiting
 

@@ -369,15 +369,24 @@ class Lender:
         return None if due is None else max(due - now, 0.0)
 
     @staticmethod
-    def _in_tight_loop(conn: LimitedConnection) -> bool:
-        """Used by its own process more often than once every MIN_LEND_GAP (measured while
-        others waited), or not measured yet and idle for less than MIN_LEND_IDLE now: its
-        own thread may want it back at once."""
+    def lend_from(conn: LimitedConnection) -> float | None:
+        """The monotonic time from which ``conn``, idle in its pool, may be lent as far as
+        its own process's use of it goes; None if it is not idle, or used by its own
+        process more often than once every MIN_LEND_GAP (measured while others waited: a
+        tight loop, whose own thread wants it back at once). One not measured yet may be
+        lent once it has sat idle for MIN_LEND_IDLE."""
+        since = conn._mppools_idle_since
+        if since is None:
+            return None
         gap = conn._mppools_gap
         if gap >= 0.0:
-            return gap < MIN_LEND_GAP
-        since = conn._mppools_idle_since
-        return since is None or time.monotonic() - since < MIN_LEND_IDLE
+            return since if gap >= MIN_LEND_GAP else None
+        return since + MIN_LEND_IDLE
+
+    def _in_tight_loop(self, conn: LimitedConnection) -> bool:
+        """Not to be lent now for its own process's sake (see :meth:`lend_from`)."""
+        at = self.lend_from(conn)
+        return at is None or time.monotonic() < at
 
     def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
         """Run the borrower's calls until it ends the loan: None if it ended it, False on
@@ -441,7 +450,7 @@ class Lender:
         with contextlib.suppress(Exception):
             if limiter is not None and slot is not None and limiter.under_pressure() and (
                     self.offer(conn) is not Offer.MADE):
-                keeper().look_again(slot.token)  # handed over if it stays idle
+                keeper().look_again(slot.token, conn)  # lent or handed over later
 
     def _place(self, conn: LimitedConnection) -> bool:
         """Put ``conn`` back in its pool where a placeholder stands, marked idle; False if
@@ -458,7 +467,10 @@ class Lender:
                     break
             else:
                 return False
-            conn._mppools_idle_since = time.monotonic()
+            # it was lendable when it was taken, and its own process has not used it since:
+            # one whose use is not measured yet need not sit idle for MIN_LEND_IDLE again
+            now = time.monotonic()
+            conn._mppools_idle_since = now - MIN_LEND_IDLE if conn._mppools_gap < 0.0 else now
             slot, limiter = conn._mppools_slot, conn._mppools_limiter
             if slot is not None and limiter is not None:
                 with contextlib.suppress(Exception):
