@@ -14,7 +14,8 @@ Protocol (every step under the budget mutex, see :mod:`._books`):
 
 A waiter does not block inside posix_ipc: it registers a waiter record and sleeps on its own
 path socket (woken by a hand-off) plus the pidfds of the holders it can see (woken the moment
-a holder dies, then it audits), in slices of ``SLICE`` seconds (see :mod:`._wait`). A signal
+a holder dies, then it audits), in slices of ``SLICE`` seconds (the head of the queue; the
+others' are longer, see :mod:`._wait`). A signal
 handler's exception (gunicorn's ``SystemExit``, celery's ``SoftTimeLimitExceeded``) propagates
 unchanged; blocking in ``posix_ipc.Semaphore.acquire`` would replace it with
 ``posix_ipc.SignalError``. Time is measured with ``time.monotonic()``; posix_ipc's timed waits
@@ -522,6 +523,7 @@ class PosixLimiter(Limiter):
                             me, nonce, self._table.bump(NEXT_TOKEN_AT), wants)
                     holders = self._table.used_slots()
                     waiting = self._table.waiting()
+                    head = waiting <= 1 or self._table.oldest_waiting() == windex
                 _wait.notify(wakes)
                 if offers and on_wait is not None:
                     while offers:
@@ -534,7 +536,9 @@ class PosixLimiter(Limiter):
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
-                wait_for = _wait.SLICE if deadline is None else min(_wait.SLICE, deadline - now)
+                wait_for = _wait.SLICE if head else _wait.SLICE * _wait.BEHIND_SLICES
+                if deadline is not None:
+                    wait_for = min(wait_for, deadline - now)
                 watched, gone = self._rewatch(watched, holders, me, unwatchable)
                 if gone:
                     # audit once for them; if their tokens say they live on (a process that

@@ -4,8 +4,10 @@ A waiting thread sleeps on (a) its own datagram socket, bound to a path in the b
 owner-only directory, which a releasing process writes to when it hands the thread a slot,
 and (b) pidfds of the slot holders it can see (same PID namespace), which become readable
 the moment a holder's process has exited; then it audits. Everything else (holders in other
-namespaces, holders beyond what the watcher may open) is audited when a slice of
-:data:`SLICE` seconds ends.
+namespaces, holders beyond what the watcher may open) is audited when a slice ends: of
+:data:`SLICE` seconds for the head of the queue, :data:`BEHIND_SLICES` times that for the
+others (one audit serves the whole budget; each costs the CPU of a few publishes, and a host
+with many waiters behind a few slots would otherwise spend it many times over).
 
 The pidfds are owned by ONE watcher per process and shared by all its waiting threads, with a
 cap of :data:`MAX_WATCHED` for the process: waiting costs a bounded number of fds however many
@@ -27,11 +29,16 @@ from mppools._liveness import is_alive
 
 from ._names import waiter_path
 
-__all__ = ["MAX_WATCHED", "SLICE", "Watcher", "bind_waiter", "close_waiter", "notify",
-           "offer", "sleep"]
+__all__ = ["BEHIND_SLICES", "MAX_WATCHED", "SLICE", "Watcher", "bind_waiter", "close_waiter",
+           "notify", "offer", "sleep"]
 
-#: seconds a waiter sleeps at most before it audits and re-sends its idle-yield requests
+#: seconds the head of the queue (the oldest waiter) sleeps at most before it audits and
+#: re-sends its idle-yield requests
 SLICE = 0.1
+#: ... and every other waiter, this many slices: an audit is for the whole budget, and the
+#: head's serves all (a grant or an offer wakes a waiter at once whatever its slice; a
+#: holder's death too, where its pidfd can be watched)
+BEHIND_SLICES = 4
 #: pidfds of holders one process keeps open at most, for all its waiting threads together
 MAX_WATCHED = 64
 #: a loan offer's datagram (lending): b"o", then the lender's owner and the offer's ticket
