@@ -148,6 +148,17 @@ class LimitedConnection(PooledConnection):
     _mppools_began_before: float = float("-inf")
     #: when its current use began, if others waited then (-inf once counted)
     _mppools_acquired_at: float = float("-inf")
+    #: ... and how long it sits in its pool between two uses (a release to the next use's
+    #: start, the median of the last three, measured alongside: -1 until measured). On a
+    #: host with more busy processes than cores a tight loop is descheduled often, so its
+    #: start-to-start period can pass MIN_LEND_GAP; between a release and its next acquire
+    #: it still sits idle for microseconds, where a worker between requests does the rest
+    #: of a request. Used less often than MIN_LEND_GAP AND idle for at least
+    #: MIN_LEND_IDLE_GAP between uses: lendable
+    _mppools_idle_gap: float = -1.0
+    _mppools_idle_gaps: tuple[float, ...] = ()
+    #: when it was last taken out of its pool to be lent or offered, it had sat there since
+    _mppools_out_since: float | None = None
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -171,6 +182,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_uses = self._mppools_turn_uses = 0
         self._mppools_severed = False
         self._mppools_gap, self._mppools_gaps = -1.0, ()
+        self._mppools_idle_gap, self._mppools_idle_gaps = -1.0, ()
         self._mppools_began_before = float("-inf")
         self._mppools_acquired_at = float("-inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
@@ -252,12 +264,30 @@ class LimitedConnection(PooledConnection):
                 gaps = (*self._mppools_gaps[-2:], began - before)
                 self._mppools_gaps = gaps
                 self._mppools_gap = sorted(gaps)[(len(gaps) - 1) // 2]
+                # since when it sat in its pool before this use: its release (or a loan's
+                # end); if this use took it back from an offer, when it was taken for that
+                released = self._mppools_idle_since
+                if released is None:
+                    released = self._mppools_out_since
+                if released is not None and before < released <= began:
+                    idles = (*self._mppools_idle_gaps[-2:], began - released)
+                    self._mppools_idle_gaps = idles
+                    self._mppools_idle_gap = sorted(idles)[(len(idles) - 1) // 2]
+
+    def _mppools_tight(self) -> bool | None:
+        """Whether its own process uses it in a tight loop (not to be lent: its thread wants
+        it back at once): used more often than every MIN_LEND_GAP, or idle for less than
+        MIN_LEND_IDLE_GAP between uses; None until its use is measured."""
+        if self._mppools_gap < 0.0:
+            return None
+        return self._mppools_gap < _lending.MIN_LEND_GAP or (
+            0.0 <= self._mppools_idle_gap < _lending.MIN_LEND_IDLE_GAP)
 
     def _mppools_lendable(self) -> bool:
         """True if lending may take this connection off its holder (lending on, a lendable
         transport, a lending socket up, and its own process known to use it no more often
         than once every MIN_LEND_GAP: a tight loop's own thread wants it back at once)."""
-        return (self._mppools_gap >= _lending.MIN_LEND_GAP and _config.lending()
+        return (self._mppools_tight() is False and _config.lending()
                 and _lending.lendable(self._pool) and _lending.lender().listening())
 
     def _mppools_idle_while_waited_for(self, now: float, turn_done: bool) -> None:

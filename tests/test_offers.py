@@ -69,31 +69,78 @@ def test_a_grant_overwrites_the_offer_mark() -> None:
     assert t.read_waiter(0).granted_index == 2
 
 
-def _uses(starts_and_ends: list[tuple[float, float]]) -> float:
-    """The use period a connection measures (LimitedConnection._mppools_note_use) for uses
-    that each began and ended under pressure at these times (seconds)."""
+def _measured(starts_and_ends: list[tuple[float, float]]) -> Any:
+    """A connection after uses that each began and ended under pressure at these times
+    (seconds), measured as LimitedConnection._mppools_note_use does at each release."""
     from types import SimpleNamespace
 
     from mppools.pools import LimitedConnection
 
     conn: Any = SimpleNamespace(_mppools_gap=-1.0, _mppools_gaps=(),
+                                _mppools_idle_gap=-1.0, _mppools_idle_gaps=(),
                                 _mppools_began_before=float("-inf"),
-                                _mppools_acquired_at=float("-inf"))
-    for began, _ended in starts_and_ends:
+                                _mppools_acquired_at=float("-inf"),
+                                _mppools_idle_since=None, _mppools_out_since=None)
+    for began, ended in starts_and_ends:
         conn._mppools_acquired_at = began  # stamped at the acquire
         LimitedConnection._mppools_note_use(conn)  # at the release
         LimitedConnection._mppools_note_use(conn)  # a release without a stamp counts nothing
-    return float(conn._mppools_gap)
+        conn._mppools_idle_since = ended  # back in its pool
+    return conn
+
+
+def _uses(starts_and_ends: list[tuple[float, float]]) -> float:
+    """The use period (start to start) measured for these uses."""
+    return float(_measured(starts_and_ends)._mppools_gap)
+
+
+def _tight(starts_and_ends: list[tuple[float, float]]) -> bool | None:
+    from mppools.pools import LimitedConnection
+
+    return LimitedConnection._mppools_tight(_measured(starts_and_ends))
 
 
 def test_the_use_period_runs_start_to_start_and_takes_the_median_of_three() -> None:
     from mppools._lending import MIN_LEND_GAP
 
     assert _uses([(0.0, 0.001)]) == -1.0  # one use: no period yet
+    assert _tight([(0.0, 0.001)]) is None  # not measured: not known either way
     # a tight loop (a use every 0.3 ms), descheduled once for 5 ms: still a tight loop
     tight = [(0.0, 0.0002), (0.0003, 0.0005), (0.0053, 0.0055), (0.0056, 0.0058)]
     assert _uses(tight) == pytest.approx(0.0003) and _uses(tight) < MIN_LEND_GAP
-    # a worker with requests queued: released and reused 0.1 ms later, but once per request
-    # (every 10 ms): not a tight loop, though its release-to-acquire gap is short
+    assert _tight(tight)
+    # a worker between requests: a use every 10 ms, 9.5 ms of it in its pool: lendable
+    requests = [(0.0, 0.0005), (0.0100, 0.0105), (0.0200, 0.0205), (0.0300, 0.0305)]
+    assert _uses(requests) == pytest.approx(0.01) and _tight(requests) is False
+
+
+def test_a_connection_back_in_use_within_moments_of_its_release_is_not_lent() -> None:
+    """Regression (figure 8, 8 tight loops on 4 slots, 2 cores): descheduled often, the
+    loops' uses came every 3-10 ms from start to start, so they passed for lendable; each
+    release offered the connection to a waiter, and the loop took it back before the waiter
+    could claim it (a wasted offer, about a millisecond of two processes' CPU): 2,105
+    connections offered in a 3 s round, 1,066-1,419 msg/s against 2,400-3,040 after. The
+    time it sits in its pool between two uses tells them apart: microseconds for a loop,
+    the rest of a request for a worker. A connection held for a whole request and reused
+    0.1 ms after its release is not lent either: no waiter could claim it in that time."""
+    from mppools._lending import MIN_LEND_GAP, MIN_LEND_IDLE_GAP
+
+    # a tight loop descheduled while it held its connection: a use every 5 ms, back for it
+    # 50 us after each release
+    loop = [(0.0, 0.00495), (0.005, 0.00995), (0.010, 0.01495), (0.015, 0.01995)]
+    assert _uses(loop) >= MIN_LEND_GAP
+    assert _measured(loop)._mppools_idle_gap < MIN_LEND_IDLE_GAP
+    assert _tight(loop)
+    # a request-scoped producer: held 9.9 ms per request, reused 0.1 ms after its release
     queued = [(0.0, 0.0099), (0.0100, 0.0199), (0.0200, 0.0299), (0.0300, 0.0399)]
-    assert _uses(queued) == pytest.approx(0.01) and _uses(queued) >= MIN_LEND_GAP
+    assert _uses(queued) == pytest.approx(0.01) and _tight(queued)
+    # taken back from an offer: measured from when it was taken for the offer
+    conn = _measured(loop[:3])
+    from mppools.pools import LimitedConnection
+
+    conn._mppools_out_since, conn._mppools_idle_since = conn._mppools_idle_since, None
+    conn._mppools_acquired_at = conn._mppools_out_since + 0.00005
+    gaps = conn._mppools_idle_gaps
+    LimitedConnection._mppools_note_use(conn)
+    assert len(conn._mppools_idle_gaps) == min(len(gaps) + 1, 3)
+    assert conn._mppools_idle_gaps[-1] == pytest.approx(0.00005)

@@ -21,12 +21,22 @@ from typing import Any
 
 from mppools._limiter._base import LoanOffer
 
-from ._borrow import MIN_LEND_GAP, MIN_LEND_IDLE, BorrowedConnection, Loan, ask, claim, decline
+from ._borrow import (
+    MIN_LEND_GAP,
+    MIN_LEND_IDLE,
+    MIN_LEND_IDLE_GAP,
+    BorrowedConnection,
+    Loan,
+    ask,
+    claim,
+    decline,
+)
 from ._lender import Lender, key_digest, lendable, lender, pool_key
 
 __all__ = [
     "MIN_LEND_GAP",
     "MIN_LEND_IDLE",
+    "MIN_LEND_IDLE_GAP",
     "Borrowed",
     "BorrowedConnection",
     "Borrower",

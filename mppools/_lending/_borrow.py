@@ -37,6 +37,7 @@ __all__ = [
     "LENDABLE_DRIVERS",
     "MIN_LEND_GAP",
     "MIN_LEND_IDLE",
+    "MIN_LEND_IDLE_GAP",
     "BorrowedConnection",
     "Loan",
     "ask",
@@ -53,6 +54,12 @@ MIN_LEND_GAP = 0.002
 #: ... and one not measured yet only once it has sat idle in its pool for this long now
 #: (seconds)
 MIN_LEND_IDLE = 0.002
+#: ... and not one that sits idle in its pool for less than this between two uses of its
+#: own process (a release to the next acquire, the median of three; seconds): a tight loop
+#: descheduled often (more busy processes than cores) can pass MIN_LEND_GAP from start to
+#: start, but is back for its connection within microseconds of a release; offered, it
+#: would be taken back before any waiter could claim it
+MIN_LEND_IDLE_GAP = 0.0005
 #: transports whose connections are lent (their channels publish synchronously)
 LENDABLE_DRIVERS = frozenset({"redis", "amqp"})
 #: how long a lender may take to answer a borrow request (seconds): it answers from memory,

@@ -44,7 +44,7 @@ from mppools import _fork, _green
 from mppools._limiter._base import Offer
 
 from . import _wire
-from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_GAP, MIN_LEND_IDLE
+from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_IDLE
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -297,6 +297,9 @@ class Lender:
 
     def _taken(self, conn: LimitedConnection) -> None:
         """``conn`` was just taken out of its pool to be lent or offered."""
+        # since when it sat in its pool: its use measure needs it if its own thread takes
+        # it back before it returns (LimitedConnection._mppools_note_use)
+        conn._mppools_out_since = conn._mppools_idle_since
         conn._mppools_idle_since = None
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
         if slot is not None and limiter is not None:
@@ -332,7 +335,7 @@ class Lender:
         if self._in_tight_loop(conn):
             # a tight loop's connection (its own thread wants it back at once) takes turns:
             # handed over, not lent; one not measured yet is lent once idle a moment
-            return Offer.HAND_OVER if conn._mppools_gap >= 0.0 else Offer.NOT_NEEDED
+            return Offer.HAND_OVER if conn._mppools_tight() else Offer.NOT_NEEDED
         if not conn._mppools_take_if_idle():
             return Offer.NOT_NEEDED
         self._taken(conn)
@@ -371,17 +374,17 @@ class Lender:
     @staticmethod
     def lend_from(conn: LimitedConnection) -> float | None:
         """The monotonic time from which ``conn``, idle in its pool, may be lent as far as
-        its own process's use of it goes; None if it is not idle, or used by its own
-        process more often than once every MIN_LEND_GAP (measured while others waited: a
-        tight loop, whose own thread wants it back at once). One not measured yet may be
-        lent once it has sat idle for MIN_LEND_IDLE."""
+        its own process's use of it goes; None if it is not idle, or its own process uses
+        it in a tight loop (``LimitedConnection._mppools_tight``, measured while others
+        waited: its thread wants it back at once). One not measured yet may be lent once it
+        has sat idle for MIN_LEND_IDLE."""
         since = conn._mppools_idle_since
         if since is None:
             return None
-        gap = conn._mppools_gap
-        if gap >= 0.0:
-            return since if gap >= MIN_LEND_GAP else None
-        return since + MIN_LEND_IDLE
+        tight = conn._mppools_tight()
+        if tight is None:
+            return since + MIN_LEND_IDLE
+        return None if tight else since
 
     def _in_tight_loop(self, conn: LimitedConnection) -> bool:
         """Not to be lent now for its own process's sake (see :meth:`lend_from`)."""
