@@ -159,6 +159,11 @@ class LimitedConnection(PooledConnection):
     _mppools_idle_gaps: tuple[float, ...] = ()
     #: when it was last taken out of its pool to be lent or offered, it had sat there since
     _mppools_out_since: float | None = None
+    #: offers of it this turn that its own process took back before the waiter claimed them
+    #: (wasted: a waiter woke and two processes spent a round trip for nothing), and offers
+    #: claimed
+    _mppools_taken_back: int = 0
+    _mppools_claimed: int = 0
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -183,6 +188,7 @@ class LimitedConnection(PooledConnection):
         self._mppools_severed = False
         self._mppools_gap, self._mppools_gaps = -1.0, ()
         self._mppools_idle_gap, self._mppools_idle_gaps = -1.0, ()
+        self._mppools_taken_back = self._mppools_claimed = 0
         self._mppools_began_before = float("-inf")
         self._mppools_acquired_at = float("-inf")
         # no cells in a thread-free process: its releases then take the limiter's path, which
@@ -277,7 +283,12 @@ class LimitedConnection(PooledConnection):
     def _mppools_tight(self) -> bool | None:
         """Whether its own process uses it in a tight loop (not to be lent: its thread wants
         it back at once): used more often than every MIN_LEND_GAP, or idle for less than
-        MIN_LEND_IDLE_GAP between uses; None until its use is measured."""
+        MIN_LEND_IDLE_GAP between uses, or most of its offers this turn (two at least) were
+        taken back by its own process before a waiter could claim them; None until its use
+        is measured."""
+        back = self._mppools_taken_back
+        if back >= 2 and back > self._mppools_claimed:
+            return True
         if self._mppools_gap < 0.0:
             return None
         return self._mppools_gap < _lending.MIN_LEND_GAP or (

@@ -318,6 +318,8 @@ class Lender:
         if key is not None and pool_key(item.conn._pool) != key:  # pragma: no cover
             self._give_back(item.conn, broken=False)
             return None
+        if key is not None:
+            item.conn._mppools_claimed += 1
         return item.conn
 
     def offer(self, conn: LimitedConnection) -> Offer:
@@ -490,6 +492,7 @@ class Lender:
                 if item.conn._pool is pool:  # kept for a waiter that has not come yet
                     del self._offered[ticket]
                     self._out.discard(item.conn)
+                    item.conn._mppools_taken_back += 1  # an offer wasted: see _mppools_tight
                     return item.conn
             if not any(c._pool is pool for c in self._out):
                 return None
