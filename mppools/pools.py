@@ -296,8 +296,8 @@ class LimitedConnection(PooledConnection):
 
     def _mppools_lendable(self) -> bool:
         """True if lending may take this connection off its holder (lending on, a lendable
-        transport, a lending socket up, and its own process known to use it no more often
-        than once every MIN_LEND_GAP: a tight loop's own thread wants it back at once)."""
+        transport, a lending socket up, and its own process known not to use it in a tight
+        loop, :meth:`_mppools_tight`: a tight loop's own thread wants it back at once)."""
         return (self._mppools_tight() is False and _config.lending()
                 and _lending.lendable(self._pool) and _lending.lender().listening())
 
