@@ -607,7 +607,8 @@ class LimitedConnectionPool(ConnectionPool):
         Releasing a connection that is not out (released already, or replaced) is a no-op:
         queueing it twice would hand it to two holders.
         """
-        if self.limit:
+        limit = self._limit  # kombu's property, read once (a property costs on the warm path)
+        if limit:
             try:
                 self._dirty.remove(resource)
             except KeyError:
@@ -615,57 +616,71 @@ class LimitedConnectionPool(ConnectionPool):
         waited_for: tuple[float, bool] | None = None
         at = resource._mppools_at
         if at >= 0:
+            # the warm path (what a pooled publish costs): no one waits, not its first use
             view = resource._mppools_view
             now = time.monotonic()
             resource._mppools_uses += 1
-            if resource._mppools_first_use:
-                resource._mppools_fit_quantum(now)
             try:
                 pressure = view[resource._mppools_pressure_at]
-                turn_done = False
-                if pressure:
-                    resource._mppools_note_use()
-                    turn_done = resource._mppools_turn_done(now)
-                if pressure and (pressure & PRESSURE_DEBT or (
-                        turn_done and not resource._mppools_lendable())):
-                    # someone waits and this connection had its quantum (or the budget
-                    # shrank): hand the slot on, don't idle
-                    resource._mppools_note_turn(now)
-                    resource._mppools_close_taken()
+                if pressure or resource._mppools_first_use:
+                    waited_for = self._released_with_slot(resource, now, pressure)
                 else:
                     resource._mppools_idle_since = now
                     view[at] = STATE_IDLE
-                    if pressure:
-                        waited_for = (now, turn_done)
             except ValueError:  # the budget was closed meanwhile (mppools.close())
                 resource._mppools_view, resource._mppools_at = None, -1
         elif resource._mppools_slot is not None:
-            limiter = resource._mppools_limiter
-            now = time.monotonic()
             resource._mppools_uses += 1
-            if resource._mppools_first_use:
-                resource._mppools_fit_quantum(now)
-            turn_done = False
-            if limiter.under_pressure():
-                resource._mppools_note_use()
-                turn_done = resource._mppools_turn_done(now)
-            if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
-                    turn_done and not resource._mppools_lendable()):
-                resource._mppools_note_turn(now)
-                resource._mppools_close_taken()
-            else:
-                resource._mppools_idle_since = now
-                limiter.mark_idle(slot=resource._mppools_slot)
-                if limiter.under_pressure():
-                    waited_for = (now, turn_done)
+            waited_for = self._released_with_slot(resource, time.monotonic(), None)
         # kombu's Resource.release, minus the discard done above
-        if self.limit:
+        if limit:
             self._resource.put_nowait(resource)
             self.release_resource(resource)
             if waited_for is not None:  # once it is back in the pool, to be lent from there
                 resource._mppools_idle_while_waited_for(*waited_for)
         else:
             self.close_resource(resource)
+
+    @staticmethod
+    def _released_with_slot(resource: LimitedConnection, now: float,
+                            pressure: int | None) -> tuple[float, bool] | None:
+        """The rest of :meth:`release` for a connection that holds a slot (its use counted):
+        fit its quantum after a first use; under pressure, count the use and hand the slot
+        on at its turn's end (or in debt), else mark it idle. ``pressure`` is the budget's
+        pressure byte read by the warm path, or None where the limiter is asked. Returns
+        when and whether its turn was done if it went idle while others wait, else None."""
+        if resource._mppools_first_use:
+            resource._mppools_fit_quantum(now)
+        if pressure is not None:  # the slot's cells in the shared segment
+            turn_done = False
+            if pressure:
+                resource._mppools_note_use()
+                turn_done = resource._mppools_turn_done(now)
+            if pressure and (pressure & PRESSURE_DEBT or (
+                    turn_done and not resource._mppools_lendable())):
+                # someone waits and this connection had its quantum (or the budget shrank):
+                # hand the slot on, don't idle
+                resource._mppools_note_turn(now)
+                resource._mppools_close_taken()
+                return None
+            resource._mppools_idle_since = now
+            resource._mppools_view[resource._mppools_at] = STATE_IDLE
+            return (now, turn_done) if pressure else None
+        slot, limiter = resource._mppools_slot, resource._mppools_limiter
+        if slot is None or limiter is None:  # given back while it was out
+            return None
+        turn_done = False
+        if limiter.under_pressure():
+            resource._mppools_note_use()
+            turn_done = resource._mppools_turn_done(now)
+        if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
+                turn_done and not resource._mppools_lendable()):
+            resource._mppools_note_turn(now)
+            resource._mppools_close_taken()
+            return None
+        resource._mppools_idle_since = now
+        limiter.mark_idle(slot=slot)
+        return (now, turn_done) if limiter.under_pressure() else None
 
     def _after_fork_in_child(self) -> None:
         inherited = [*self._dirty, *self._resource.queue]
