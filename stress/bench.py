@@ -52,7 +52,7 @@ from stress._bench_util import (
 
 __all__ = ["main"]
 
-FIGURES = ("warm", "slot", "contention", "reclaim", "idle", "e2e", "footprint",
+FIGURES = ("warm", "warm_instructions", "slot", "contention", "reclaim", "idle", "e2e", "footprint",
            "e2e_contention", "gunicorn", "redis_hosts")
 
 
@@ -170,6 +170,20 @@ def fig_warm(plan: Plan, url: str, label: str) -> Row:
                median(s["mppools"]), median(s["kombu"]), "kombu.pools.producers", ratio,
                "<= 1.05x", _met(ratio, 1.05), samples_mppools=s["mppools"],
                samples_baseline=s["kombu"])
+
+
+def fig_warm_instr(plan: Plan) -> tuple[Row | None, str | None]:
+    """1b. the warm path in instructions (cachegrind): noise-free beside figure 1's times."""
+    from stress.warm_instructions import fig_warm_instructions
+
+    result, why = fig_warm_instructions(plan.quick)
+    if result is None:
+        return None, why
+    ratio = result["mppools"] / result["kombu"]
+    return Row("warm_instructions", "1b. warm path, producers[conn].acquire (memory, "
+               "instructions)", "instr/op", result["mppools"], result["kombu"],
+               "kombu.pools.producers", ratio, "<= 1.05x", _met(ratio, 1.05),
+               note=f"cachegrind, {result['n']} operations"), None
 
 
 # ---------------------------------------------------------------------------------------
@@ -863,6 +877,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(fig_warm(plan, redis.url, "redis"))
             else:
                 skipped.append("1. warm path (redis): redis-server unavailable")
+        if "warm_instructions" in only:
+            _log("1b. warm path in instructions")
+            instr_row, why = fig_warm_instr(plan)
+            if instr_row is not None:
+                rows.append(instr_row)
+            if why is not None:
+                skipped.append(why)
         if "slot" in only:
             _log("2. slot path")
             rows += fig_slot(plan, redis)
