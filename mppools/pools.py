@@ -80,6 +80,20 @@ disable_limit_protection = _kombu_pools.disable_limit_protection
 _limit = [10]
 _groups: list[PoolGroup] = []
 
+#: "not stamped" for the monotonic stamps below (a constant: ``float("-inf")`` parses its
+#: string at every call, and the release under pressure compares against it)
+_NEVER = float("-inf")
+
+
+def _last_three(gaps: tuple[float, ...], gap: float) -> tuple[tuple[float, ...], float]:
+    """``gaps`` with ``gap`` appended, the last three kept, and their median (of two: the
+    smaller); without a sort (this runs at every release while others wait)."""
+    if len(gaps) < 2:
+        return (*gaps, gap), (gap if not gaps or gap < gaps[0] else gaps[0])
+    a, b = gaps[-2], gaps[-1]
+    low, high = (a, b) if a < b else (b, a)
+    return (a, b, gap), (low if gap < low else high if gap > high else gap)
+
 
 #: a hold quantum is this many times what the connection's first use cost (its set-up) ...
 QUANTUM_PER_SETUP = 24.0
@@ -145,9 +159,9 @@ class LimitedConnection(PooledConnection):
     #: pass for one between two requests.
     _mppools_gap: float = -1.0
     _mppools_gaps: tuple[float, ...] = ()
-    _mppools_began_before: float = float("-inf")
+    _mppools_began_before: float = _NEVER
     #: when its current use began, if others waited then (-inf once counted)
-    _mppools_acquired_at: float = float("-inf")
+    _mppools_acquired_at: float = _NEVER
     #: ... and how long it sits in its pool between two uses (a release to the next use's
     #: start, the median of the last three, measured alongside: -1 until measured). On a
     #: host with more busy processes than cores a tight loop is descheduled often, so its
@@ -189,8 +203,8 @@ class LimitedConnection(PooledConnection):
         self._mppools_gap, self._mppools_gaps = -1.0, ()
         self._mppools_idle_gap, self._mppools_idle_gaps = -1.0, ()
         self._mppools_taken_back = self._mppools_claimed = 0
-        self._mppools_began_before = float("-inf")
-        self._mppools_acquired_at = float("-inf")
+        self._mppools_began_before = _NEVER
+        self._mppools_acquired_at = _NEVER
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -263,22 +277,20 @@ class LimitedConnection(PooledConnection):
         pressure) and not counted yet, fold the time from the previous counted start to it
         into the median of the last three (of two: the smaller)."""
         began, before = self._mppools_acquired_at, self._mppools_began_before
-        if began > float("-inf"):
-            self._mppools_acquired_at = float("-inf")  # counted once
+        if began > _NEVER:
+            self._mppools_acquired_at = _NEVER  # counted once
             self._mppools_began_before = began
-            if before > float("-inf"):
-                gaps = (*self._mppools_gaps[-2:], began - before)
-                self._mppools_gaps = gaps
-                self._mppools_gap = sorted(gaps)[(len(gaps) - 1) // 2]
+            if before > _NEVER:
+                self._mppools_gaps, self._mppools_gap = _last_three(self._mppools_gaps,
+                                                                    began - before)
                 # since when it sat in its pool before this use: its release (or a loan's
                 # end); if this use took it back from an offer, when it was taken for that
                 released = self._mppools_idle_since
                 if released is None:
                     released = self._mppools_out_since
                 if released is not None and before < released <= began:
-                    idles = (*self._mppools_idle_gaps[-2:], began - released)
-                    self._mppools_idle_gaps = idles
-                    self._mppools_idle_gap = sorted(idles)[(len(idles) - 1) // 2]
+                    self._mppools_idle_gaps, self._mppools_idle_gap = _last_three(
+                        self._mppools_idle_gaps, began - released)
 
     def _mppools_tight(self) -> bool | None:
         """Whether its own process uses it in a tight loop (not to be lent: its thread wants

@@ -183,7 +183,8 @@ def fig_warm_instr(plan: Plan) -> tuple[Row | None, str | None]:
     return Row("warm_instructions", "1b. warm path, producers[conn].acquire (memory, "
                "instructions)", "instr/op", result["mppools"], result["kombu"],
                "kombu.pools.producers", ratio, "<= 1.05x", _met(ratio, 1.05),
-               note=f"cachegrind, {result['n']} operations"), None
+               note=f"cachegrind, {result['n']} operations; while another process "
+               f"waits: {result['pressure']:,.0f} instr/op"), None
 
 
 # ---------------------------------------------------------------------------------------

@@ -115,6 +115,23 @@ def test_the_use_period_runs_start_to_start_and_takes_the_median_of_three() -> N
     assert _uses(requests) == pytest.approx(0.01) and _tight(requests) is False
 
 
+def test_the_last_three_gaps_and_their_median_match_a_sort() -> None:
+    """The release under pressure keeps the last three gaps and their median without a
+    sort (it runs at every release while others wait): the same as sorting them, for every
+    order and with ties, with one or two gaps (the smaller of two)."""
+    import itertools
+
+    from mppools.pools import _last_three
+
+    values = (0.001, 0.002, 0.003, 0.002)
+    for k in range(4):
+        for before in itertools.permutations(values[:k]):
+            for new in values:
+                kept = (*before[-2:], new)
+                assert _last_three(tuple(before), new) == (
+                    kept, sorted(kept)[(len(kept) - 1) // 2]), (before, new)
+
+
 def test_a_connection_back_in_use_within_moments_of_its_release_is_not_lent() -> None:
     """Regression (figure 8, 8 tight loops on 4 slots, 2 cores): descheduled often, the
     loops' uses came every 3-10 ms from start to start, so they passed for lendable; each
