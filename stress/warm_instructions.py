@@ -54,24 +54,31 @@ if who == "pressure":
     import subprocess, time
     held = group[conn].acquire(block=True)  # held while the waiter comes: not yielded idle
     waiter = subprocess.Popen([sys.executable, "-c", WAITER, name])
-    for _ in range(6000):
-        if mppools.stats().waiting:
+    for _ in range(6000):  # 60 s at most
+        if mppools.stats().waiting or waiter.poll() is not None:
             break
         time.sleep(0.01)
     held.release()
+    if not mppools.stats().waiting:
+        waiter.kill()
+        waiter.wait()
+        mppools.close()
+        sys.exit(f"the waiter never waited (exit code {waiter.returncode})")
     for _ in range(2):
         with group[conn].acquire(block=True):
             pass
-for _ in range(n):
-    with group[conn].acquire(block=True):
-        pass
-if waiter is not None:
-    if mppools.stats().waiting != 1:
+try:
+    for _ in range(n):
+        with group[conn].acquire(block=True):
+            pass
+    if waiter is not None and mppools.stats().waiting != 1:
         sys.exit(f"the waiter was not waiting throughout: {mppools.stats()}")
-    waiter.kill()
-    waiter.wait()
-if who != "kombu":
-    mppools.close()
+finally:
+    if waiter is not None:  # never left behind, whatever happened above
+        waiter.kill()
+        waiter.wait()
+    if who != "kombu":
+        mppools.close()
 """
 
 #: The pressure subject's waiter (``python -c WAITER name``, not under valgrind).
