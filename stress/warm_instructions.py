@@ -47,27 +47,24 @@ else:
         mppools.configure(limit=8, name=name)
     group = mppools.producers
 conn = Connection("memory://")
-for _ in range(2):
-    with group[conn].acquire(block=True):
-        pass
-if who == "pressure":
-    import subprocess, time
-    held = group[conn].acquire(block=True)  # held while the waiter comes: not yielded idle
-    waiter = subprocess.Popen([sys.executable, "-c", WAITER, name])
-    for _ in range(6000):  # 60 s at most
-        if mppools.stats().waiting or waiter.poll() is not None:
-            break
-        time.sleep(0.01)
-    held.release()
-    if not mppools.stats().waiting:
-        waiter.kill()
-        waiter.wait()
-        mppools.close()
-        sys.exit(f"the waiter never waited (exit code {waiter.returncode})")
+try:
     for _ in range(2):
         with group[conn].acquire(block=True):
             pass
-try:
+    if who == "pressure":
+        import subprocess, time
+        held = group[conn].acquire(block=True)  # held while the waiter comes: not yielded
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, name])
+        for _ in range(6000):  # 60 s at most
+            if mppools.stats().waiting or waiter.poll() is not None:
+                break
+            time.sleep(0.01)
+        held.release()
+        if not mppools.stats().waiting:
+            sys.exit(f"the waiter never waited (exit code {waiter.poll()})")
+        for _ in range(2):
+            with group[conn].acquire(block=True):
+                pass
     for _ in range(n):
         with group[conn].acquire(block=True):
             pass
