@@ -178,6 +178,9 @@ class LimitedConnection(PooledConnection):
     #: claimed
     _mppools_taken_back: int = 0
     _mppools_claimed: int = 0
+    #: a loan's first call waits at this process's lender for this connection to come back
+    #: to its pool (its release wakes the lending thread)
+    _mppools_wanted: bool = False
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -295,9 +298,9 @@ class LimitedConnection(PooledConnection):
     def _mppools_tight(self) -> bool | None:
         """Whether its own process uses it in a tight loop (not to be lent: its thread wants
         it back at once): used more often than every MIN_LEND_GAP, or idle for less than
-        MIN_LEND_IDLE_GAP between uses, or most of its offers this turn (two at least) were
-        taken back by its own process before a waiter could claim them; None until its use
-        is measured."""
+        MIN_LEND_IDLE_GAP between uses, or most of its loans this turn (two at least) found
+        it in use by its own process at their first call and waited; None until its use is
+        measured."""
         back = self._mppools_taken_back
         if back >= 2 and back > self._mppools_claimed:
             return True
@@ -369,6 +372,12 @@ class LimitedConnection(PooledConnection):
             self._mppools_give_back()
 
     # idle yield (called by the keeper thread) -----------------------------------------------
+    def _mppools_is_idle(self) -> bool:
+        """True if this connection sits idle in its pool (under the queue mutex)."""
+        queue = self._pool._resource
+        with _queue_lock(queue):
+            return any(item is self for item in queue.queue)
+
     def _mppools_take_if_idle(self) -> bool:
         """Take this connection out of its pool if it sits idle there (under the queue mutex)."""
         pool = self._pool
@@ -648,6 +657,8 @@ class LimitedConnectionPool(ConnectionPool):
         if limit:
             self._resource.put_nowait(resource)
             self.release_resource(resource)
+            if resource._mppools_wanted:  # a loan's first call waits for it
+                _lending.lender().released(resource)
             if waited_for is not None:  # once it is back in the pool, to be lent from there
                 resource._mppools_idle_while_waited_for(*waited_for)
         else:

@@ -8,19 +8,25 @@ process has no other connection to lend meanwhile, else by a thread of its own:
 
 1. a peer asks ``("borrow", key)`` (nobody waits: it takes any idle connection), or
    ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`); the
-   lender takes a connection it holds, of a pool whose connection parameters digest to
-   ``key``, out of that pool (a lazy placeholder keeps the pool's size), marks its slot busy
-   and answers ``("lent", pid, declared)``; or ``("no",)``;
-2. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
+   lender binds to the loan a connection it holds idle, of a pool whose connection
+   parameters digest to ``key``, and answers ``("lent", pid, declared)``; or ``("no",)``;
+2. the connection stays in its pool until the loan's first call: its own process uses it
+   meanwhile, and that call waits for such a use to end (or is answered ``("unsent",)`` if
+   the connection cannot be lent any more, or stays in use for PENDING_WAIT: it did not
+   run, the borrower runs it elsewhere). The first call takes it out of its pool (a lazy
+   placeholder keeps the pool's size) and marks its slot busy;
+3. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
    EOF (a borrower that dies ends its loan);
-3. it hands the connection to a thread of ours that waits for it, or offers it to the next
+4. it hands the connection to a thread of ours that waits for it, or offers it to the next
    waiter, or puts it back where a placeholder stands (marked idle), or closes it if the
    pool has no room or the connection broke (which gives its slot back).
 
-An offer keeps an idle connection out of its pool for the waiter it was offered to, for
-OFFER_WAIT at most: the head of the queue gets it, not whoever asks first, and no two
-waiters are woken for one connection. The lender's own thread takes an offered connection
-back at once if it needs it (the waiter's claim then finds nothing and it waits on).
+A connection offered, or lent and not yet taken, is *bound*: lent to nobody else. An offer
+binds an idle connection to the waiter it was offered to for OFFER_WAIT at most: the head
+of the queue gets it, not whoever asks first, and no two waiters are woken for one
+connection. Binding keeps the connection where it is, so the borrower's wake-up, its claim
+and its producer's set-up (most of a loan's time on a busy host) hold nothing its own
+process needs.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from mppools import _fork, _green
 from mppools._limiter._base import Offer
 
 from . import _wire
-from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_IDLE
+from ._borrow import FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_IDLE, perform
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -60,6 +66,11 @@ EXIT_WAIT = 2.0
 #: how long a connection offered to a waiter is kept for it (seconds): a waiter that has
 #: not claimed it by then is slow or gone, and the next one is offered it
 OFFER_WAIT = 0.05
+#: how long a loan's first call waits for its connection while the lender's own threads
+#: use it (seconds); then it is answered ``unsent`` and the borrower runs it elsewhere
+PENDING_WAIT = 0.5
+#: how often that wait looks at the connection again if no release woke it (seconds)
+PENDING_LOOK = 0.005
 #: the lending thread's poll (captured at import: eventlet deletes ``select.poll`` when it
 #: patches, and a patched process never lends)
 _poll = getattr(select, "poll", None)
@@ -104,8 +115,12 @@ class Lender:
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
         self._claims: dict[int, collections.deque[_Claim]] = {}
-        #: connections offered to a waiter, by ticket (also in _out)
+        #: connections offered to a waiter, by ticket (also in _bound)
         self._offered: dict[int, _Offered] = {}
+        #: connections offered, or lent and not taken by the loan's first call yet: idle in
+        #: their pools (their own process uses them meanwhile), lent to nobody else
+        self._bound: set[LimitedConnection] = set()
+        self._back = threading.Condition(self._lock)  # a bound connection was released
         self._poke_r: socket.socket | None = None  # wakes the lending thread (an offer)
         self._poke_w: socket.socket | None = None
         #: the calls run for borrowers, by kind ("publish", "queue_declare")
@@ -163,9 +178,9 @@ class Lender:
         with self._lock:
             self._stop_locked()
             thread, self._thread = self._thread, None
-            offered, self._offered = list(self._offered.values()), {}
-        for item in offered:
-            self._give_back(item.conn, broken=False)
+            self._offered = {}
+            self._bound = set()
+            self._back.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -235,7 +250,7 @@ class Lender:
             elif isinstance(request, tuple) and len(request) == 2 and request[0] == "decline":
                 conn = self._claim(request[1], None)
                 if conn is not None:
-                    self._give_back(conn, broken=False)
+                    self._unbind(conn)
                 peer.close()
                 return None
             if conn is None:
@@ -247,16 +262,20 @@ class Lender:
                 return conn
         except OSError:
             if conn is not None:
-                self._give_back(conn, broken=False)
+                self._unbind(conn)
         peer.close()
         return None
 
     def _serve(self, peer: socket.socket, conn: LimitedConnection) -> None:
         """Carry one loan to its end, then give the connection back."""
-        lent: LimitedConnection | None = conn
+        lent: LimitedConnection | None = None
         try:
             peer.settimeout(LOAN_IDLE_TIMEOUT)
-            broken = self._carry(peer, conn)
+            first = self._first_call(peer, conn)
+            if first is None:
+                return
+            lent = conn
+            broken = self._carry(peer, conn, first)
             self._give_back(conn, broken=bool(broken))
             lent = None
         except OSError:
@@ -278,10 +297,84 @@ class Lender:
 
         for conn in keeper().held():
             if (self._may_lend(conn) and pool_key(conn._pool) == key
-                    and not self._in_tight_loop(conn) and conn._mppools_take_if_idle()):
-                self._taken(conn)
+                    and not self._in_tight_loop(conn) and self._bind(conn)):
                 return conn
         return None
+
+    def _bind(self, conn: LimitedConnection) -> bool:
+        """Bind ``conn`` (a loan or an offer) if it sits idle in its pool and is not bound."""
+        with self._lock:
+            if conn in self._bound or not conn._mppools_is_idle():
+                return False
+            self._bound.add(conn)
+        return True
+
+    def _unbind(self, conn: LimitedConnection) -> None:
+        """An offer, or a loan whose first call never took ``conn``, is over: offer it to the
+        next waiter (it sits idle in its pool), or let the keeper look at it again."""
+        from mppools._keeper import keeper
+
+        with self._lock:
+            self._bound.discard(conn)
+        slot, limiter = conn._mppools_slot, conn._mppools_limiter
+        with contextlib.suppress(Exception):
+            if limiter is not None and slot is not None and limiter.under_pressure() and (
+                    self.offer(conn) is not Offer.MADE):
+                keeper().look_again(slot.token, conn)
+
+    def _first_call(self, peer: socket.socket, conn: LimitedConnection) -> Any:
+        """Wait for the loan's first call and take ``conn`` (bound) out of its pool for it,
+        waiting for a use by its own process to end; the call, or None if the loan ended
+        first, or ``conn`` cannot be lent any more or stayed in use (then answered
+        ``unsent``: the call did not run). Raises OSError if the borrower went away."""
+        try:
+            request = _wire.recv(peer)
+        except OSError:
+            self._unbind(conn)
+            raise
+        if not isinstance(request, tuple) or not request or request[0] == "end":
+            self._unbind(conn)
+            return None
+        deadline = time.monotonic() + PENDING_WAIT
+        waited = False
+        while not conn._mppools_take_if_idle():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._still_lendable(conn):
+                self._unbind(conn)
+                with contextlib.suppress(OSError):
+                    _wire.send(peer, ("unsent", None))
+                return None
+            waited = True
+            conn._mppools_wanted = True  # its release wakes us
+            with self._lock:
+                if not conn._mppools_is_idle():
+                    self._back.wait(min(left, PENDING_LOOK))
+        conn._mppools_wanted = False
+        # whether its own process used it while it was lent (the loan waited): most loans
+        # of a turn waiting is a tight loop's connection (see _mppools_tight)
+        if waited:
+            conn._mppools_taken_back += 1
+        else:
+            conn._mppools_claimed += 1
+        with self._lock:
+            self._bound.discard(conn)
+        self._taken(conn)
+        return request
+
+    def _still_lendable(self, conn: LimitedConnection) -> bool:
+        """True if a bound ``conn`` may still carry its loan (see :meth:`_may_lend`; a
+        thread of ours waiting for its pool does not stop a loan already made)."""
+        from mppools import _config
+
+        limiter = conn._mppools_limiter
+        return (self._sock is not None and conn._mppools_slot is not None
+                and limiter is not None and _config.current() is limiter
+                and not limiter.in_debt() and not conn._mppools_severed)
+
+    def released(self, conn: LimitedConnection) -> None:
+        """``conn``, bound to a loan whose first call waits for it, is back in its pool."""
+        with self._lock:
+            self._back.notify_all()
 
     def _may_lend(self, conn: LimitedConnection) -> bool:
         """True if ``conn`` is one to lend at all: connected, holding a slot of the current
@@ -309,28 +402,26 @@ class Lender:
             self._out.add(conn)
 
     def _claim(self, ticket: Any, key: str | None) -> LimitedConnection | None:
-        """The connection kept for offer ``ticket`` (if its pool digests to ``key``; any if
-        None), or None if it is not kept any more."""
+        """The connection bound to offer ``ticket`` (if its pool digests to ``key``; any if
+        None), still bound, or None if the offer is over."""
         with self._lock:
             item = self._offered.pop(ticket, None) if isinstance(ticket, int) else None
         if item is None:
             return None
         if key is not None and pool_key(item.conn._pool) != key:  # pragma: no cover
-            self._give_back(item.conn, broken=False)
+            self._unbind(item.conn)
             return None
-        if key is not None:
-            item.conn._mppools_claimed += 1
         return item.conn
 
     def offer(self, conn: LimitedConnection) -> Offer:
-        """``conn`` sits idle in its pool while someone waits: keep it for the head of the
+        """``conn`` sits idle in its pool while someone waits: bind it to the head of the
         queue if that waiter may borrow it (the limiter's ``offer_loan``), for OFFER_WAIT at
-        most (:attr:`~Offer.MADE`). Otherwise ``conn`` stays in its pool, and the result says
+        most (:attr:`~Offer.MADE`; it stays in its pool). Otherwise the result says
         whether to hand its slot over (:attr:`~Offer.HAND_OVER`: not lending, a thread of
         ours waits for a connection of its pool, it is in a tight loop, or the head of the
         queue cannot borrow it) or to keep it idle and look again (:attr:`~Offer.NOT_NEEDED`:
-        every waiter has an offer out, it is not idle in its pool any more, or its use is
-        not measured yet and it has not sat idle for MIN_LEND_IDLE)."""
+        every waiter has an offer out, it is not idle in its pool any more or bound already,
+        or its use is not measured yet and it has not sat idle for MIN_LEND_IDLE)."""
         limiter = conn._mppools_limiter
         if self._sock is None or limiter is None or not self._may_lend(conn):
             return Offer.HAND_OVER
@@ -338,9 +429,8 @@ class Lender:
             # a tight loop's connection (its own thread wants it back at once) takes turns:
             # handed over, not lent; one not measured yet is lent once idle a moment
             return Offer.HAND_OVER if conn._mppools_tight() else Offer.NOT_NEEDED
-        if not conn._mppools_take_if_idle():
+        if not self._bind(conn):
             return Offer.NOT_NEEDED
-        self._taken(conn)
         ticket = secrets.randbits(63) or 1
         with self._lock:
             self._offered[ticket] = _Offered(conn, time.monotonic() + OFFER_WAIT)
@@ -351,24 +441,21 @@ class Lender:
         if outcome is Offer.MADE:
             self._poke()  # the lending thread times the offer out
             return outcome
-        with self._lock:
-            item = self._offered.pop(ticket, None)
-            if item is not None:
-                self._out.discard(conn)
-        if item is not None and not self._place(conn):  # nobody was told: back, idle
-            conn._mppools_close_taken()  # pragma: no cover - its placeholder is there
+        with self._lock:  # nobody was told
+            if self._offered.pop(ticket, None) is not None:
+                self._bound.discard(conn)
         return outcome
 
     def _expire_offers(self) -> float | None:
-        """Take back the offers whose waiters did not claim them in time (each goes to the
-        next waiter, or back to its pool); seconds until the next one runs out, or None."""
+        """End the offers whose waiters did not claim them in time (each goes to the next
+        waiter); seconds until the next one runs out, or None."""
         now = time.monotonic()
         with self._lock:
             late = [t for t, item in self._offered.items() if item.until <= now]
             expired = [self._offered.pop(t).conn for t in late]
             due = min((item.until for item in self._offered.values()), default=None)
         for conn in expired:
-            self._give_back(conn, broken=False)
+            self._unbind(conn)
         if expired:
             return 0.0
         return None if due is None else max(due - now, 0.0)
@@ -393,12 +480,13 @@ class Lender:
         at = self.lend_from(conn)
         return at is None or time.monotonic() < at
 
-    def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
-        """Run the borrower's calls until it ends the loan: None if it ended it, False on
-        anything else, True if the connection broke."""
+    def _carry(self, peer: socket.socket, conn: LimitedConnection, first: tuple[Any, ...]
+               ) -> bool | None:
+        """Run the borrower's calls, ``first`` first, until it ends the loan: None if it
+        ended it, False on anything else, True if the connection broke."""
         errors = tuple(conn.connection_errors)
+        request: Any = first
         while True:
-            request = _wire.recv(peer)
             if not isinstance(request, tuple) or not request:
                 return False
             if request[0] == "end":
@@ -409,16 +497,7 @@ class Lender:
             try:
                 channel: Any = conn.default_channel
                 self.calls[str(request[1] if request[0] == "call" else request[0])] += 1
-                if request[0] == "publish":
-                    prepared, kwargs = request[1], request[2]
-                    message = channel.prepare_message(*prepared)
-                    result = channel.basic_publish(message, **kwargs)
-                    reply: tuple[str, Any] = ("ret", _plain(result))
-                elif request[0] == "call" and request[1] in FORWARDED:
-                    result = getattr(channel, request[1])(*request[2], **request[3])
-                    reply = ("ret", _plain(result))
-                else:
-                    reply = ("err", TypeError(f"a loan carries no {request[0]!r} call"))
+                reply: tuple[str, Any] = ("ret", _plain(perform(channel, request)))
             except errors as exc:
                 with contextlib.suppress(OSError):
                     _wire.send(peer, ("lost", f"{type(exc).__name__}: {exc}"))
@@ -426,12 +505,13 @@ class Lender:
             except Exception as exc:
                 reply = ("err", _portable(exc))
             _wire.send(peer, reply)
+            request = _wire.recv(peer)
 
     def _give_back(self, conn: LimitedConnection, *, broken: bool) -> None:
-        """A loan ended (or an offer ran out): hand the connection to a thread of ours that
-        waits for it (:meth:`reclaim`), else offer it to the next waiter, else put it back in
-        its pool where a placeholder stands, idle; close it (its slot goes back) if it broke
-        or the pool has no room."""
+        """A loan ended: hand the connection to a thread of ours that waits for it
+        (:meth:`reclaim`), else put it back in its pool where a placeholder stands, idle, and
+        offer it to the next waiter; close it (its slot goes back) if it broke or the pool
+        has no room."""
         from mppools._keeper import keeper
 
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
@@ -488,12 +568,6 @@ class Lender:
         the connection directly (it is not lent again meanwhile). None at once if none is out,
         or if none came back in time."""
         with self._lock:
-            for ticket, item in list(self._offered.items()):
-                if item.conn._pool is pool:  # kept for a waiter that has not come yet
-                    del self._offered[ticket]
-                    self._out.discard(item.conn)
-                    item.conn._mppools_taken_back += 1  # an offer wasted: see _mppools_tight
-                    return item.conn
             if not any(c._pool is pool for c in self._out):
                 return None
             claim = _Claim()
@@ -545,6 +619,8 @@ class Lender:
         self._out = set()
         self._claims = {}
         self._offered = {}
+        self._bound = set()
+        self._back = threading.Condition(self._lock)
         pokes = [p for p in (self._poke_r, self._poke_w) if p is not None]
         self._poke_r = self._poke_w = None
         self.calls = collections.Counter()
