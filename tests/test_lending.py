@@ -435,6 +435,27 @@ def test_a_loans_first_call_waits_for_the_lenders_own_use_to_end(pair: Pair) -> 
     assert _count(pair.direct, pair.name) == 2
 
 
+def test_a_first_call_kept_waiting_by_the_lenders_own_use_goes_back_to_the_queue(
+        pair: Pair) -> None:
+    """A loan's first call waits at most PENDING_WAIT for the lender's own use of the
+    connection to end; then it is answered ``unsent`` (it did not run) and the borrower
+    waits in the queue as an acquire would. At the lender's release (its turn long over)
+    the slot goes to it, and the call runs once, with the cap held."""
+    assert pair.borrower.call("take", pair.url) == pair.lender.pid
+    pair.lender.call("hold_busy", pair.url, timeout=3)
+    pair.borrower.send("publish_held", pair.name, False)
+    assert _wait_for(_waiting, 1) == 1  # declined after PENDING_WAIT: queued for the budget
+    assert pair.lender.call("waits_for_own_use") is False
+    assert _count(pair.direct, pair.name) == 1  # it did not run
+    pair.lender.call("release_busy")
+    said, _ = pair.borrower.answer(timeout=10)
+    assert said == "ok", said
+    pair.borrower.call("release_held")
+    assert pair.proxy.peak <= 1
+    assert _count(pair.direct, pair.name) == 2
+    assert mppools.stats().waiting == 0
+
+
 def test_a_first_call_the_lender_cannot_run_runs_on_the_borrowers_own_connection(
         pair: Pair) -> None:
     """A loan whose connection the lender closed before the first call (its pools reset:

@@ -178,8 +178,9 @@ class Lender:
         with self._lock:
             self._stop_locked()
             thread, self._thread = self._thread, None
+            for item in self._offered.values():  # offers end; loans made are carried on
+                self._bound.discard(item.conn)
             self._offered = {}
-            self._bound = set()
             self._back.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -316,6 +317,7 @@ class Lender:
 
         with self._lock:
             self._bound.discard(conn)
+            self._returned.notify_all()
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
         with contextlib.suppress(Exception):
             if limiter is not None and slot is not None and limiter.under_pressure() and (
@@ -340,6 +342,7 @@ class Lender:
         while not conn._mppools_take_if_idle():
             left = deadline - time.monotonic()
             if left <= 0 or not self._still_lendable(conn):
+                conn._mppools_wanted = False
                 self._unbind(conn)
                 with contextlib.suppress(OSError):
                     _wire.send(peer, ("unsent", None))
@@ -584,12 +587,13 @@ class Lender:
         return claim.conn
 
     def quiesce(self, timeout: float = EXIT_WAIT) -> None:
-        """At exit: stop lending and wait up to ``timeout`` seconds for the loans out to
-        end, so that no borrower's call is cut by this process going away."""
+        """At exit: stop lending and wait up to ``timeout`` seconds for the loans made to
+        end (those out, and those whose first call has not come yet), so that no borrower's
+        call is cut by this process going away."""
         self.stop(timeout=min(timeout, 0.5))
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._out:
+            while self._out or self._bound:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
