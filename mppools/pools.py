@@ -178,9 +178,9 @@ class LimitedConnection(PooledConnection):
     #: claimed
     _mppools_taken_back: int = 0
     _mppools_claimed: int = 0
-    #: a loan's first call waits at this process's lender for this connection to come back
-    #: to its pool (its release wakes the lending thread)
-    _mppools_wanted: bool = False
+    #: when this process's lender bound it to a loan or an offer (it stays in its pool; a
+    #: use by this process after it makes the loan's first call go elsewhere)
+    _mppools_bound_at: float = 0.0
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -299,8 +299,8 @@ class LimitedConnection(PooledConnection):
         """Whether its own process uses it in a tight loop (not to be lent: its thread wants
         it back at once): used more often than every MIN_LEND_GAP, or idle for less than
         MIN_LEND_IDLE_GAP between uses, or most of its loans this turn (two at least) found
-        it in use by its own process at their first call and waited; None until its use is
-        measured."""
+        at their first call that its own process had used it since it was bound; None until
+        its use is measured."""
         back = self._mppools_taken_back
         if back >= 2 and back > self._mppools_claimed:
             return True
@@ -657,8 +657,6 @@ class LimitedConnectionPool(ConnectionPool):
         if limit:
             self._resource.put_nowait(resource)
             self.release_resource(resource)
-            if resource._mppools_wanted:  # a loan's first call waits for it
-                _lending.lender().released(resource)
             if waited_for is not None:  # once it is back in the pool, to be lent from there
                 resource._mppools_idle_while_waited_for(*waited_for)
         else:

@@ -216,13 +216,6 @@ def _bound() -> int:
     return len(lender()._bound)
 
 
-def _waits_for_own_use() -> bool:
-    """True if a loan's first call waits for a connection this process uses."""
-    pool = next(iter(pools.connections.values()))
-    return any(getattr(c, "_mppools_wanted", False)
-               for c in [*pool._resource.queue, *pool._dirty])
-
-
 def _reset() -> None:
     """Close this process's pools (their connections and slots go)."""
     pools.reset()
@@ -240,7 +233,7 @@ _HANDLERS = {
     "take": _take, "publish_held": _publish_held, "release_held": _release_held,
     "consume": _consume, "fork_while_lent": _fork_while_lent, "hold_idle_raw": _hold_idle_raw,
     "hold_busy": _hold_busy, "release_busy": _release_busy, "raw_acquire": _raw_acquire,
-    "bound": _bound, "waits_for_own_use": _waits_for_own_use, "reset": _reset,
+    "bound": _bound, "reset": _reset,
 }
 
 
@@ -419,39 +412,25 @@ def test_a_loan_leaves_the_connection_to_its_own_process_until_the_first_call(
     assert _count(pair.direct, pair.name) == 3
 
 
-def test_a_loans_first_call_waits_for_the_lenders_own_use_to_end(pair: Pair) -> None:
-    """The lender's own thread takes a connection lent but not yet used by the loan; the
-    loan's first call waits for that use to end (woken by its release), then runs on the
-    same connection: no error, no new broker connection."""
+def test_a_first_call_after_the_lenders_own_use_goes_back_to_the_queue(pair: Pair) -> None:
+    """The lender's own thread uses a connection lent but not yet used by the loan (its
+    process wants it: a loan would make it wait, as in a tight loop); the loan's first call
+    is then answered ``unsent`` (it did not run), and the borrower waits in the queue as an
+    acquire would; when the lender's connection is idle again it is offered to it, and the
+    call runs once there: no error, no new broker connection."""
     opened = pair.proxy.total_accepted
     assert pair.borrower.call("take", pair.url) == pair.lender.pid
     pair.lender.call("hold_busy", pair.url, timeout=3)  # its own use, the loan bound
     pair.borrower.send("publish_held", pair.name, False)
-    assert _wait_for(lambda: pair.lender.call("waits_for_own_use"), True) is True
-    pair.lender.call("release_busy")
-    assert pair.borrower.answer(timeout=10) == ("ok", pair.lender.pid)
-    pair.borrower.call("release_held")
-    assert pair.proxy.total_accepted == opened
-    assert _count(pair.direct, pair.name) == 2
-
-
-def test_a_first_call_kept_waiting_by_the_lenders_own_use_goes_back_to_the_queue(
-        pair: Pair) -> None:
-    """A loan's first call waits at most PENDING_WAIT for the lender's own use of the
-    connection to end; then it is answered ``unsent`` (it did not run) and the borrower
-    waits in the queue as an acquire would. At the lender's release (its turn long over)
-    the slot goes to it, and the call runs once, with the cap held."""
-    assert pair.borrower.call("take", pair.url) == pair.lender.pid
-    pair.lender.call("hold_busy", pair.url, timeout=3)
-    pair.borrower.send("publish_held", pair.name, False)
-    assert _wait_for(_waiting, 1) == 1  # declined after PENDING_WAIT: queued for the budget
-    assert pair.lender.call("waits_for_own_use") is False
+    assert _wait_for(_waiting, 1) == 1  # declined: queued for the budget
     assert _count(pair.direct, pair.name) == 1  # it did not run
+    assert pair.lender.call("bound") == 0
     pair.lender.call("release_busy")
     said, _ = pair.borrower.answer(timeout=10)
     assert said == "ok", said
     pair.borrower.call("release_held")
     assert pair.proxy.peak <= 1
+    assert pair.proxy.total_accepted <= opened + 1  # a loan, or the slot handed over
     assert _count(pair.direct, pair.name) == 2
     assert mppools.stats().waiting == 0
 

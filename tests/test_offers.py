@@ -170,9 +170,9 @@ def test_a_connection_whose_offers_its_own_process_takes_back_is_not_lent() -> N
     much as the publish), so a descheduled loop can pass for lendable by both measures; its
     offers were taken back by the loop before the waiters could claim them (773 offers per
     3 s round, 2,648 msg/s; now 128 and 3,766). Since a loan takes the connection only at
-    its first call, the same sign is a loan whose first call found it in use by the loop and
-    waited. Two of those, and more than loans that ran at once, in a turn: not lent for the
-    rest of it."""
+    its first call, the same sign is a loan whose first call found that the loop had used
+    it since it was bound. Two of those, and more than loans that ran, in a turn: not lent
+    for the rest of it."""
     requests = [(0.0, 0.0005), (0.0100, 0.0105), (0.0200, 0.0205), (0.0300, 0.0305)]
     conn = _measured(requests)
     from mppools.pools import LimitedConnection

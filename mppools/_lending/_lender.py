@@ -10,11 +10,11 @@ process has no other connection to lend meanwhile, else by a thread of its own:
    ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`); the
    lender binds to the loan a connection it holds idle, of a pool whose connection
    parameters digest to ``key``, and answers ``("lent", pid, declared)``; or ``("no",)``;
-2. the connection stays in its pool until the loan's first call: its own process uses it
-   meanwhile, and that call waits for such a use to end (or is answered ``("unsent",)`` if
-   the connection cannot be lent any more, or stays in use for PENDING_WAIT: it did not
-   run, the borrower runs it elsewhere). The first call takes it out of its pool (a lazy
-   placeholder keeps the pool's size) and marks its slot busy;
+2. the connection stays in its pool until the loan's first call, which takes it out (a
+   lazy placeholder keeps the pool's size) and marks its slot busy; if its own process
+   used it meanwhile (it wants it: the loan would make it wait), or it cannot be lent any
+   more, the call is answered ``("unsent",)``: it did not run, and the borrower goes on
+   elsewhere, as an acquire would;
 3. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
    EOF (a borrower that dies ends its loan);
 4. it hands the connection to a thread of ours that waits for it, or offers it to the next
@@ -66,11 +66,6 @@ EXIT_WAIT = 2.0
 #: how long a connection offered to a waiter is kept for it (seconds): a waiter that has
 #: not claimed it by then is slow or gone, and the next one is offered it
 OFFER_WAIT = 0.05
-#: how long a loan's first call waits for its connection while the lender's own threads
-#: use it (seconds); then it is answered ``unsent`` and the borrower runs it elsewhere
-PENDING_WAIT = 0.5
-#: how often that wait looks at the connection again if no release woke it (seconds)
-PENDING_LOOK = 0.005
 #: the lending thread's poll (captured at import: eventlet deletes ``select.poll`` when it
 #: patches, and a patched process never lends)
 _poll = getattr(select, "poll", None)
@@ -120,7 +115,6 @@ class Lender:
         #: connections offered, or lent and not taken by the loan's first call yet: idle in
         #: their pools (their own process uses them meanwhile), lent to nobody else
         self._bound: set[LimitedConnection] = set()
-        self._back = threading.Condition(self._lock)  # a bound connection was released
         self._poke_r: socket.socket | None = None  # wakes the lending thread (an offer)
         self._poke_w: socket.socket | None = None
         #: the calls run for borrowers, by kind ("publish", "queue_declare")
@@ -181,7 +175,6 @@ class Lender:
             for item in self._offered.values():  # offers end; loans made are carried on
                 self._bound.discard(item.conn)
             self._offered = {}
-            self._back.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -308,6 +301,7 @@ class Lender:
             if conn in self._bound or not conn._mppools_is_idle():
                 return False
             self._bound.add(conn)
+            conn._mppools_bound_at = time.monotonic()
         return True
 
     def _unbind(self, conn: LimitedConnection) -> None:
@@ -325,10 +319,11 @@ class Lender:
                 keeper().look_again(slot.token, conn)
 
     def _first_call(self, peer: socket.socket, conn: LimitedConnection) -> Any:
-        """Wait for the loan's first call and take ``conn`` (bound) out of its pool for it,
-        waiting for a use by its own process to end; the call, or None if the loan ended
-        first, or ``conn`` cannot be lent any more or stayed in use (then answered
-        ``unsent``: the call did not run). Raises OSError if the borrower went away."""
+        """Wait for the loan's first call and take ``conn`` (bound) out of its pool for it;
+        the call, or None if the loan ended first, or if ``conn`` cannot be lent any more or
+        its own process used it since it was bound (then answered ``unsent``: the call did
+        not run, and the borrower goes on elsewhere). Raises OSError if the borrower went
+        away."""
         try:
             request = _wire.recv(peer)
         except OSError:
@@ -337,28 +332,16 @@ class Lender:
         if not isinstance(request, tuple) or not request or request[0] == "end":
             self._unbind(conn)
             return None
-        deadline = time.monotonic() + PENDING_WAIT
-        waited = False
-        while not conn._mppools_take_if_idle():
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._still_lendable(conn):
-                conn._mppools_wanted = False
-                self._unbind(conn)
-                with contextlib.suppress(OSError):
-                    _wire.send(peer, ("unsent", None))
-                return None
-            waited = True
-            conn._mppools_wanted = True  # its release wakes us
-            with self._lock:
-                if not conn._mppools_is_idle():
-                    self._back.wait(min(left, PENDING_LOOK))
-        conn._mppools_wanted = False
-        # whether its own process used it while it was lent (the loan waited): most loans
-        # of a turn waiting is a tight loop's connection (see _mppools_tight)
-        if waited:
-            conn._mppools_taken_back += 1
-        else:
-            conn._mppools_claimed += 1
+        since = conn._mppools_idle_since
+        used = since is None or since > conn._mppools_bound_at
+        if used or not self._still_lendable(conn) or not conn._mppools_take_if_idle():
+            if used:  # its own process wanted it meanwhile: see _mppools_tight
+                conn._mppools_taken_back += 1
+            self._unbind(conn)
+            with contextlib.suppress(OSError):
+                _wire.send(peer, ("unsent", None))
+            return None
+        conn._mppools_claimed += 1  # a loan that ran (see _mppools_tight)
         with self._lock:
             self._bound.discard(conn)
         self._taken(conn)
@@ -370,14 +353,10 @@ class Lender:
         from mppools import _config
 
         limiter = conn._mppools_limiter
-        return (self._sock is not None and conn._mppools_slot is not None
-                and limiter is not None and _config.current() is limiter
-                and not limiter.in_debt() and not conn._mppools_severed)
-
-    def released(self, conn: LimitedConnection) -> None:
-        """``conn``, bound to a loan whose first call waits for it, is back in its pool."""
-        with self._lock:
-            self._back.notify_all()
+        # (not whether it still lends: an exiting lender carries the loans it made)
+        return (conn._mppools_slot is not None and limiter is not None
+                and _config.current() is limiter and not limiter.in_debt()
+                and not conn._mppools_severed)
 
     def _may_lend(self, conn: LimitedConnection) -> bool:
         """True if ``conn`` is one to lend at all: connected, holding a slot of the current
@@ -624,7 +603,6 @@ class Lender:
         self._claims = {}
         self._offered = {}
         self._bound = set()
-        self._back = threading.Condition(self._lock)
         pokes = [p for p in (self._poke_r, self._poke_w) if p is not None]
         self._poke_r = self._poke_w = None
         self.calls = collections.Counter()
