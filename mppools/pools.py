@@ -298,9 +298,10 @@ class LimitedConnection(PooledConnection):
     def _mppools_tight(self) -> bool | None:
         """Whether its own process uses it in a tight loop (not to be lent: its thread wants
         it back at once): used more often than every MIN_LEND_GAP, or idle for less than
-        MIN_LEND_IDLE_GAP between uses, or most of its loans this turn (two at least) found
-        at their first call that its own process had used it since it was bound; None until
-        its use is measured."""
+        MIN_LEND_IDLE_GAP between uses, or most of its offers and loans this turn (two at
+        least) were wanted by its own process first (an offer taken back before the waiter
+        claimed it, a borrowed one used before the loan's first call); None until its use
+        is measured."""
         back = self._mppools_taken_back
         if back >= 2 and back > self._mppools_claimed:
             return True

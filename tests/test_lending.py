@@ -727,7 +727,7 @@ def test_an_idle_connection_is_kept_for_the_oldest_waiter_then_offered_to_the_ne
     first = _stopped_waiter(pair)
     try:
         pair.lender.call("release_busy")  # offered to the stopped waiter, kept for it
-        assert _wait_for(lambda: pair.lender.call("bound"), 1) == 1
+        assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 0) == 0
         second = Worker(_HANDLERS)
         try:
             # waits behind the first (no asking around while others wait); the offer runs
@@ -747,16 +747,16 @@ def test_an_idle_connection_is_kept_for_the_oldest_waiter_then_offered_to_the_ne
 
 def test_the_lenders_own_thread_takes_back_a_connection_kept_for_a_waiter(
         pair: Pair) -> None:
-    """A connection kept for a waiter that has not claimed it yet stays in its pool: the
-    lender's own thread uses it at once when it needs it (no wait, no new connection); the
-    waiter's loan then runs on it after that use."""
+    """A connection kept for a waiter that has not claimed it yet is the lender's own to
+    take back at once when its own thread needs it (no wait, no new connection); the
+    waiter's claim then finds nothing, and it waits on."""
     import signal
 
     opened = pair.proxy.total_accepted
     first = _stopped_waiter(pair)
     try:
         pair.lender.call("release_busy")
-        assert _wait_for(lambda: pair.lender.call("bound"), 1) == 1  # kept for the waiter
+        assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 0) == 0  # kept
         assert pair.lender.call("publish", pair.url, pair.name, {"from": "lender"}) == \
             "LimitedConnection"
     finally:

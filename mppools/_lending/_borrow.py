@@ -152,8 +152,13 @@ class Loan:
             sock.close()
 
 
-#: how many lenders one call is sent to at most when each declines to run it
-MAX_RESENDS = 3
+#: a call no lender ran is sent on a loan asked of a process with an idle connection at
+#: most this many times, then on what an acquire gets (an offer, or a slot of its own)
+MAX_ASKS = 2
+#: ... and given up (LoanLostError) after this many loans in all declined it: each is a
+#: wait for an offer by then, and a lender whose own process keeps taking its connection
+#: back is soon not lent (``_mppools_tight``), so a slot comes instead
+MAX_RESENDS = 32
 
 #: what a borrowed connection carries on with when no lender runs its calls, as an acquire
 #: would get it: a loan offered while waiting, or an :class:`OwnLoan` if a slot came first
@@ -439,20 +444,23 @@ class BorrowedConnection(Connection):
                 declining to run it.
             LimitExceeded: neither a loan nor a slot came in the budget's acquire timeout.
         """
-        for _ in range(MAX_RESENDS):
-            loan = self._mppools_renew()
+        for attempt in range(MAX_RESENDS):
+            # a process with an idle connection at once (a few), then as an acquire would
+            loan = self._mppools_renew() if attempt < MAX_ASKS else None
             if loan is None and self._mppools_elsewhere is not None:
                 loan = self._mppools_elsewhere()
             if loan is None:
-                break
+                raise LoanLostError(f"the connection borrowed from pid {unsent.lender_pid} is "
+                                    "gone, and no other process had one idle to lend") \
+                    from None
             self._mppools_adopt(loan)
             channel.loan = loan
             try:
                 return loan.call(request)
             except LoanUnsent as again:
                 unsent = again
-        raise LoanLostError(f"the connection borrowed from pid {unsent.lender_pid} is gone, "
-                            "and no other process had one idle to lend") from None
+        raise LoanLostError(f"{MAX_RESENDS} loans in a row declined to run a call of pid "
+                            f"{os.getpid()} (the last from pid {unsent.lender_pid})")
 
     def _do_close_self(self) -> None:
         # end the loan before kombu clears the declaration cache: what this loan declared

@@ -7,26 +7,29 @@ One lending thread answers every peer of our uid; a loan is carried by that thre
 process has no other connection to lend meanwhile, else by a thread of its own:
 
 1. a peer asks ``("borrow", key)`` (nobody waits: it takes any idle connection), or
-   ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`); the
-   lender binds to the loan a connection it holds idle, of a pool whose connection
-   parameters digest to ``key``, and answers ``("lent", pid, declared)``; or ``("no",)``;
-2. the connection stays in its pool until the loan's first call, which takes it out (a
-   lazy placeholder keeps the pool's size) and marks its slot busy; if its own process
-   used it meanwhile (it wants it: the loan would make it wait), or it cannot be lent any
-   more, the call is answered ``("unsent",)``: it did not run, and the borrower goes on
-   elsewhere, as an acquire would;
+   ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`), for a
+   connection of a pool whose connection parameters digest to ``key``; the lender answers
+   ``("lent", pid, declared)``, or ``("no",)``. A claimed offer's connection is out of its
+   pool already (a lazy placeholder keeps the pool's size; its slot marked busy). A
+   borrowed one is only *bound* to the loan (lent to nobody else) and stays in its pool;
+2. a bound connection is taken out of its pool by the loan's first call; if its own
+   process used it meanwhile (it wants it: the loan would make it wait), or it cannot be
+   lent any more, the call is answered ``("unsent",)``: it did not run, and the borrower
+   goes on elsewhere, as an acquire would;
 3. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
    EOF (a borrower that dies ends its loan);
 4. it hands the connection to a thread of ours that waits for it, or offers it to the next
    waiter, or puts it back where a placeholder stands (marked idle), or closes it if the
    pool has no room or the connection broke (which gives its slot back).
 
-A connection offered, or lent and not yet taken, is *bound*: lent to nobody else. An offer
-binds an idle connection to the waiter it was offered to for OFFER_WAIT at most: the head
-of the queue gets it, not whoever asks first, and no two waiters are woken for one
-connection. Binding keeps the connection where it is, so the borrower's wake-up, its claim
-and its producer's set-up (most of a loan's time on a busy host) hold nothing its own
-process needs.
+Binding leaves a borrowed connection where it is until it is used, so the borrower's
+producer set-up holds nothing its own process needs. An offer keeps an idle connection out
+of its pool for the waiter it was offered to, for OFFER_WAIT at most: the head of the queue
+gets it, not whoever asks first, and no two waiters are woken for one connection. The
+lender's own thread takes an offered connection back at once if it needs it (the waiter's
+claim then finds nothing and it waits on); offers stay so because a waiter is woken for
+one (a claim arrives a wake-up later, not a producer set-up later), and because tight
+loops' connections, offered and bound, cost their waiters rounds of declined calls.
 """
 
 from __future__ import annotations
@@ -110,10 +113,10 @@ class Lender:
         self._loans: set[socket.socket] = set()
         self._out: set[LimitedConnection] = set()
         self._claims: dict[int, collections.deque[_Claim]] = {}
-        #: connections offered to a waiter, by ticket (also in _bound)
+        #: connections offered to a waiter, by ticket (also in _out)
         self._offered: dict[int, _Offered] = {}
-        #: connections offered, or lent and not taken by the loan's first call yet: idle in
-        #: their pools (their own process uses them meanwhile), lent to nobody else
+        #: connections borrowed and not taken by the loan's first call yet: idle in their
+        #: pools (their own process may use them meanwhile), lent to nobody else
         self._bound: set[LimitedConnection] = set()
         self._poke_r: socket.socket | None = None  # wakes the lending thread (an offer)
         self._poke_w: socket.socket | None = None
@@ -172,9 +175,9 @@ class Lender:
         with self._lock:
             self._stop_locked()
             thread, self._thread = self._thread, None
-            for item in self._offered.values():  # offers end; loans made are carried on
-                self._bound.discard(item.conn)
-            self._offered = {}
+            offered, self._offered = list(self._offered.values()), {}
+        for item in offered:
+            self._give_back(item.conn, broken=False)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -244,7 +247,7 @@ class Lender:
             elif isinstance(request, tuple) and len(request) == 2 and request[0] == "decline":
                 conn = self._claim(request[1], None)
                 if conn is not None:
-                    self._unbind(conn)
+                    self._give_back(conn, broken=False)
                 peer.close()
                 return None
             if conn is None:
@@ -255,8 +258,10 @@ class Lender:
                     self._loans.add(peer)
                 return conn
         except OSError:
-            if conn is not None:
+            if conn is not None and conn in self._bound:
                 self._unbind(conn)
+            elif conn is not None:
+                self._give_back(conn, broken=False)
         peer.close()
         return None
 
@@ -265,9 +270,11 @@ class Lender:
         lent: LimitedConnection | None = None
         try:
             peer.settimeout(LOAN_IDLE_TIMEOUT)
-            first = self._first_call(peer, conn)
-            if first is None:
-                return
+            first = None
+            if conn in self._bound:  # borrowed: its first call takes it
+                first = self._first_call(peer, conn)
+                if first is None:
+                    return
             lent = conn
             broken = self._carry(peer, conn, first)
             self._give_back(conn, broken=bool(broken))
@@ -296,7 +303,7 @@ class Lender:
         return None
 
     def _bind(self, conn: LimitedConnection) -> bool:
-        """Bind ``conn`` (a loan or an offer) if it sits idle in its pool and is not bound."""
+        """Bind ``conn`` to a loan if it sits idle in its pool and is not bound."""
         with self._lock:
             if conn in self._bound or not conn._mppools_is_idle():
                 return False
@@ -305,8 +312,8 @@ class Lender:
         return True
 
     def _unbind(self, conn: LimitedConnection) -> None:
-        """An offer, or a loan whose first call never took ``conn``, is over: offer it to the
-        next waiter (it sits idle in its pool), or let the keeper look at it again."""
+        """A loan whose first call never took ``conn`` is over: offer it to the next waiter
+        (it sits idle in its pool), or let the keeper look at it again."""
         from mppools._keeper import keeper
 
         with self._lock:
@@ -384,26 +391,28 @@ class Lender:
             self._out.add(conn)
 
     def _claim(self, ticket: Any, key: str | None) -> LimitedConnection | None:
-        """The connection bound to offer ``ticket`` (if its pool digests to ``key``; any if
-        None), still bound, or None if the offer is over."""
+        """The connection kept for offer ``ticket`` (if its pool digests to ``key``; any if
+        None), or None if it is not kept any more."""
         with self._lock:
             item = self._offered.pop(ticket, None) if isinstance(ticket, int) else None
         if item is None:
             return None
         if key is not None and pool_key(item.conn._pool) != key:  # pragma: no cover
-            self._unbind(item.conn)
+            self._give_back(item.conn, broken=False)
             return None
+        if key is not None:
+            item.conn._mppools_claimed += 1
         return item.conn
 
     def offer(self, conn: LimitedConnection) -> Offer:
-        """``conn`` sits idle in its pool while someone waits: bind it to the head of the
+        """``conn`` sits idle in its pool while someone waits: keep it for the head of the
         queue if that waiter may borrow it (the limiter's ``offer_loan``), for OFFER_WAIT at
-        most (:attr:`~Offer.MADE`; it stays in its pool). Otherwise the result says
+        most (:attr:`~Offer.MADE`). Otherwise ``conn`` stays in its pool, and the result says
         whether to hand its slot over (:attr:`~Offer.HAND_OVER`: not lending, a thread of
         ours waits for a connection of its pool, it is in a tight loop, or the head of the
         queue cannot borrow it) or to keep it idle and look again (:attr:`~Offer.NOT_NEEDED`:
-        every waiter has an offer out, it is not idle in its pool any more or bound already,
-        or its use is not measured yet and it has not sat idle for MIN_LEND_IDLE)."""
+        every waiter has an offer out, it is not idle in its pool any more, or its use is
+        not measured yet and it has not sat idle for MIN_LEND_IDLE)."""
         limiter = conn._mppools_limiter
         if self._sock is None or limiter is None or not self._may_lend(conn):
             return Offer.HAND_OVER
@@ -411,8 +420,9 @@ class Lender:
             # a tight loop's connection (its own thread wants it back at once) takes turns:
             # handed over, not lent; one not measured yet is lent once idle a moment
             return Offer.HAND_OVER if conn._mppools_tight() else Offer.NOT_NEEDED
-        if not self._bind(conn):
+        if not conn._mppools_take_if_idle():
             return Offer.NOT_NEEDED
+        self._taken(conn)
         ticket = secrets.randbits(63) or 1
         with self._lock:
             self._offered[ticket] = _Offered(conn, time.monotonic() + OFFER_WAIT)
@@ -423,21 +433,24 @@ class Lender:
         if outcome is Offer.MADE:
             self._poke()  # the lending thread times the offer out
             return outcome
-        with self._lock:  # nobody was told
-            if self._offered.pop(ticket, None) is not None:
-                self._bound.discard(conn)
+        with self._lock:
+            item = self._offered.pop(ticket, None)
+            if item is not None:
+                self._out.discard(conn)
+        if item is not None and not self._place(conn):  # nobody was told: back, idle
+            conn._mppools_close_taken()  # pragma: no cover - its placeholder is there
         return outcome
 
     def _expire_offers(self) -> float | None:
-        """End the offers whose waiters did not claim them in time (each goes to the next
-        waiter); seconds until the next one runs out, or None."""
+        """Take back the offers whose waiters did not claim them in time (each goes to the
+        next waiter, or back to its pool); seconds until the next one runs out, or None."""
         now = time.monotonic()
         with self._lock:
             late = [t for t, item in self._offered.items() if item.until <= now]
             expired = [self._offered.pop(t).conn for t in late]
             due = min((item.until for item in self._offered.values()), default=None)
         for conn in expired:
-            self._unbind(conn)
+            self._give_back(conn, broken=False)
         if expired:
             return 0.0
         return None if due is None else max(due - now, 0.0)
@@ -462,12 +475,12 @@ class Lender:
         at = self.lend_from(conn)
         return at is None or time.monotonic() < at
 
-    def _carry(self, peer: socket.socket, conn: LimitedConnection, first: tuple[Any, ...]
-               ) -> bool | None:
-        """Run the borrower's calls, ``first`` first, until it ends the loan: None if it
-        ended it, False on anything else, True if the connection broke."""
+    def _carry(self, peer: socket.socket, conn: LimitedConnection,
+               first: tuple[Any, ...] | None) -> bool | None:
+        """Run the borrower's calls (``first`` first, if read already) until it ends the
+        loan: None if it ended it, False on anything else, True if the connection broke."""
         errors = tuple(conn.connection_errors)
-        request: Any = first
+        request: Any = _wire.recv(peer) if first is None else first
         while True:
             if not isinstance(request, tuple) or not request:
                 return False
@@ -550,6 +563,12 @@ class Lender:
         the connection directly (it is not lent again meanwhile). None at once if none is out,
         or if none came back in time."""
         with self._lock:
+            for ticket, item in list(self._offered.items()):
+                if item.conn._pool is pool:  # kept for a waiter that has not come yet
+                    del self._offered[ticket]
+                    self._out.discard(item.conn)
+                    item.conn._mppools_taken_back += 1  # an offer wasted: see _mppools_tight
+                    return item.conn
             if not any(c._pool is pool for c in self._out):
                 return None
             claim = _Claim()
