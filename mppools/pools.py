@@ -178,9 +178,6 @@ class LimitedConnection(PooledConnection):
     #: claimed
     _mppools_taken_back: int = 0
     _mppools_claimed: int = 0
-    #: when this process's lender bound it to a loan or an offer (it stays in its pool; a
-    #: use by this process after it makes the loan's first call go elsewhere)
-    _mppools_bound_at: float = 0.0
 
     # slot life cycle ----------------------------------------------------------------------
     def _mppools_take_slot(self, *, block: bool = True, timeout: float | None = None,
@@ -298,9 +295,8 @@ class LimitedConnection(PooledConnection):
     def _mppools_tight(self) -> bool | None:
         """Whether its own process uses it in a tight loop (not to be lent: its thread wants
         it back at once): used more often than every MIN_LEND_GAP, or idle for less than
-        MIN_LEND_IDLE_GAP between uses, or most of its offers and loans this turn (two at
-        least) were wanted by its own process first (an offer taken back before the waiter
-        claimed it, a borrowed one used before the loan's first call); None until its use
+        MIN_LEND_IDLE_GAP between uses, or most of its offers this turn (two at least) were
+        taken back by its own process before a waiter could claim them; None until its use
         is measured."""
         back = self._mppools_taken_back
         if back >= 2 and back > self._mppools_claimed:
@@ -373,12 +369,6 @@ class LimitedConnection(PooledConnection):
             self._mppools_give_back()
 
     # idle yield (called by the keeper thread) -----------------------------------------------
-    def _mppools_is_idle(self) -> bool:
-        """True if this connection sits idle in its pool (under the queue mutex)."""
-        queue = self._pool._resource
-        with _queue_lock(queue):
-            return any(item is self for item in queue.queue)
-
     def _mppools_take_if_idle(self) -> bool:
         """Take this connection out of its pool if it sits idle there (under the queue mutex)."""
         pool = self._pool

@@ -209,18 +209,6 @@ def _raw_acquire(url: str) -> str:
         conn.release()
 
 
-def _bound() -> int:
-    """Connections of this process offered, or lent and not taken by a first call yet."""
-    from mppools._lending import lender
-
-    return len(lender()._bound)
-
-
-def _reset() -> None:
-    """Close this process's pools (their connections and slots go)."""
-    pools.reset()
-
-
 def _lender_calls() -> dict[str, int]:
     from mppools._lending import lender
 
@@ -233,7 +221,6 @@ _HANDLERS = {
     "take": _take, "publish_held": _publish_held, "release_held": _release_held,
     "consume": _consume, "fork_while_lent": _fork_while_lent, "hold_idle_raw": _hold_idle_raw,
     "hold_busy": _hold_busy, "release_busy": _release_busy, "raw_acquire": _raw_acquire,
-    "bound": _bound, "reset": _reset,
 }
 
 
@@ -291,13 +278,11 @@ def test_a_fork_of_the_lender_drops_the_lent_connection_without_io(
     try:
         assert lender.call("hold_idle_raw", url) == lender.pid
         assert borrower.call("take", url) == lender.pid
-        # the first call takes the connection out of the lender's pool, for the loan
-        assert borrower.call("publish_held", name, False) == ("ok", lender.pid)
         socks, dropped = lender.call("fork_while_lent")
         assert socks >= 1 and dropped, (socks, dropped)
         assert borrower.call("publish_held", name, False) == ("ok", lender.pid)
         borrower.call("release_held")
-        assert _count(direct, name) == 2
+        assert _count(direct, name) == 1
     finally:
         lender.kill()
         borrower.kill()
@@ -368,7 +353,6 @@ def test_lender_killed_mid_call_fails_recoverably_and_retry_borrows_again(
 def test_borrower_killed_mid_loan_gives_the_connection_back(pair: Pair) -> None:
     opened = pair.proxy.total_accepted
     assert pair.borrower.call("take", pair.url) == pair.lender.pid
-    assert pair.borrower.call("publish_held", pair.name, False) == ("ok", pair.lender.pid)
     assert pair.lender.call("idle_held", pair.url) == 0  # out on loan
     pair.borrower.kill()
     assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 1) == 1
@@ -382,76 +366,12 @@ def test_a_lenders_own_thread_gets_its_connection_back_from_the_loan(pair: Pair)
     timeout); now it waits for the loan to end and takes its connection back directly."""
     opened = pair.proxy.total_accepted
     assert pair.borrower.call("take", pair.url) == pair.lender.pid
-    assert pair.borrower.call("publish_held", pair.name, False) == ("ok", pair.lender.pid)
     pair.lender.call("publish_in_thread", pair.url, pair.name)
     assert _wait_for(lambda: pair.lender.call("claims"), 1) == 1
     pair.borrower.call("release_held")
     assert pair.lender.call("join") == "LimitedConnection"
     assert pair.proxy.total_accepted == opened
-    assert _count(pair.direct, pair.name) == 3
-
-
-def test_a_loan_leaves_the_connection_to_its_own_process_until_the_first_call(
-        pair: Pair) -> None:
-    """Regression (gunicorn at 800 req/s): a loan took the lender's connection out of its
-    pool when it was claimed, so the borrower's wake-up, its claim and its producer's
-    set-up held a connection its own process then waited for (``reclaim``; under load,
-    most of a loan's time). Now the loan only binds it: the lender's own thread publishes
-    on it meanwhile without waiting, and the loan's first call takes it."""
-    opened = pair.proxy.total_accepted
-    assert pair.borrower.call("take", pair.url) == pair.lender.pid  # lent, no call yet
-    assert pair.lender.call("bound") == 1
-    assert pair.lender.call("idle_held", pair.url) == 1  # still in its pool
-    assert pair.lender.call("publish", pair.url, pair.name, {"from": "lender"},
-                            timeout=3) == "LimitedConnection"
-    assert pair.borrower.call("publish_held", pair.name, False) == ("ok", pair.lender.pid)
-    assert pair.lender.call("bound") == 0
-    pair.borrower.call("release_held")
-    assert _wait_for(lambda: pair.lender.call("idle_held", pair.url), 1) == 1
-    assert pair.proxy.total_accepted == opened
-    assert _count(pair.direct, pair.name) == 3
-
-
-def test_a_first_call_after_the_lenders_own_use_goes_back_to_the_queue(pair: Pair) -> None:
-    """The lender's own thread uses a connection lent but not yet used by the loan (its
-    process wants it: a loan would make it wait, as in a tight loop); the loan's first call
-    is then answered ``unsent`` (it did not run), and the borrower waits in the queue as an
-    acquire would; when the lender's connection is idle again it is offered to it, and the
-    call runs once there: no error, no new broker connection."""
-    opened = pair.proxy.total_accepted
-    assert pair.borrower.call("take", pair.url) == pair.lender.pid
-    pair.lender.call("hold_busy", pair.url, timeout=3)  # its own use, the loan bound
-    pair.borrower.send("publish_held", pair.name, False)
-    assert _wait_for(_waiting, 1) == 1  # declined: queued for the budget
-    assert _count(pair.direct, pair.name) == 1  # it did not run
-    assert pair.lender.call("bound") == 0
-    pair.lender.call("release_busy")
-    said, _ = pair.borrower.answer(timeout=10)
-    assert said == "ok", said
-    pair.borrower.call("release_held")
-    assert pair.proxy.peak <= 1
-    assert pair.proxy.total_accepted <= opened + 1  # a loan, or the slot handed over
     assert _count(pair.direct, pair.name) == 2
-    assert mppools.stats().waiting == 0
-
-
-def test_a_first_call_the_lender_cannot_run_runs_on_the_borrowers_own_connection(
-        pair: Pair) -> None:
-    """A loan whose connection the lender closed before the first call (its pools reset:
-    the slot went back) is answered ``unsent``: the call did not run there, and runs as an
-    acquire would, here on a connection of the borrower's own with the slot now free. It
-    runs once, and the cap holds."""
-    opened = pair.proxy.total_accepted
-    assert pair.borrower.call("take", pair.url) == pair.lender.pid
-    pair.lender.call("reset")
-    assert _wait_for(lambda: mppools.stats().in_use, 0) == 0
-    said, _ = pair.borrower.call("publish_held", pair.name, False)
-    assert said == "ok", said
-    pair.borrower.call("release_held")
-    assert pair.proxy.total_accepted == opened + 1  # the borrower's own connection
-    assert pair.proxy.peak <= 1
-    assert _count(pair.direct, pair.name) == 2
-    assert [h.pid for h in mppools.stats().holders] == [pair.borrower.pid]
 
 
 def _mp_lender(url: str, name: str, ready: Any, go: Any) -> None:
@@ -626,8 +546,8 @@ def test_a_connection_in_a_tight_loop_is_not_lent(redis_server: Any, budget_name
         taken = lender()._take(pool_key(pool))
         assert (taken is conn) == lent, (gap, idle_since)
         if taken is not None:
-            lender()._unbind(conn)
-        assert conn in list(pool._resource.queue)  # binding leaves it in its pool
+            lender()._give_back(conn, broken=False)
+            assert conn in list(pool._resource.queue)
 
 
 def test_a_connection_back_from_a_loan_is_lent_again_at_once(
@@ -646,13 +566,9 @@ def test_a_connection_back_from_a_loan_is_lent_again_at_once(
     conn._mppools_gap = -1.0
     conn._mppools_idle_since = time.monotonic() - 10 * MIN_LEND_IDLE
     assert lender()._take(pool_key(pool)) is conn
-    assert lender()._take(pool_key(pool)) is None, "lent twice at once"
-    assert conn._mppools_take_if_idle()  # the loan's first call takes it ...
-    lender()._bound.discard(conn)
-    lender()._taken(conn)
-    lender()._give_back(conn, broken=False)  # ... and the loan ends
+    lender()._give_back(conn, broken=False)  # the loan ends
     assert lender()._take(pool_key(pool)) is conn, "refused right after the loan ended"
-    lender()._unbind(conn)
+    lender()._give_back(conn, broken=False)
 
 
 class _Recording(dict[int, float]):

@@ -169,10 +169,8 @@ def test_a_connection_whose_offers_its_own_process_takes_back_is_not_lent() -> N
     in its pool for most of the loop's cycle (the producer's acquire and release cost as
     much as the publish), so a descheduled loop can pass for lendable by both measures; its
     offers were taken back by the loop before the waiters could claim them (773 offers per
-    3 s round, 2,648 msg/s; now 128 and 3,766). A borrowed connection is taken only at its
-    loan's first call, so there the same sign is a first call finding that the loop had
-    used it since it was bound. Two of those, and more than were claimed or ran, in a turn:
-    not lent for the rest of it."""
+    3 s round, 2,648 msg/s; now 128 and 3,766). Two offers taken back, and more than were
+    claimed, in a turn: not lent for the rest of it."""
     requests = [(0.0, 0.0005), (0.0100, 0.0105), (0.0200, 0.0205), (0.0300, 0.0305)]
     conn = _measured(requests)
     from mppools.pools import LimitedConnection

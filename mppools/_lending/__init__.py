@@ -27,7 +27,6 @@ from ._borrow import (
     MIN_LEND_IDLE_GAP,
     BorrowedConnection,
     Loan,
-    OwnLoan,
     ask,
     claim,
     decline,
@@ -59,13 +58,6 @@ class Borrowed(Exception):
     def __init__(self, connection: BorrowedConnection) -> None:
         super().__init__("borrowed")
         self.connection = connection
-
-    def take_loan(self) -> Loan:
-        """The loan itself, taken from the connection made for it (not used then)."""
-        loan = self.connection._mppools_loan
-        assert loan is not None
-        self.connection._mppools_loan = None
-        return loan
 
 
 class Borrower:
@@ -100,20 +92,8 @@ class Borrower:
             return
         pool = self._pool
         conn = BorrowedConnection(loan, self.try_loan, pool.connection.get_transport_cls(),
-                                  dict(pool.connection._info(resolve=False)),
-                                  self.elsewhere)
+                                  dict(pool.connection._info(resolve=False)))
         raise Borrowed(conn)
-
-    def elsewhere(self) -> Loan:
-        """What a borrowed connection carries on with when no lender runs its calls, as an
-        acquire would get it (waiting up to the budget's acquire timeout): a loan offered,
-        or this process's own pooled connection if a slot came first (raises LimitExceeded
-        if neither came)."""
-        try:
-            conn = self._pool.acquire(block=True, lend=True)
-        except Borrowed as borrowed:
-            return borrowed.take_loan()
-        return OwnLoan(conn)
 
     def decline(self, offer: LoanOffer) -> None:
         decline(offer.address, offer.ticket)

@@ -39,14 +39,11 @@ __all__ = [
     "MIN_LEND_IDLE",
     "MIN_LEND_IDLE_GAP",
     "BorrowedConnection",
-    "Elsewhere",
     "Loan",
-    "OwnLoan",
     "ask",
     "borrowed_transport",
     "claim",
     "decline",
-    "perform",
 ]
 
 #: a connection is lent only if its own process uses it no more often than once in this
@@ -114,9 +111,6 @@ class Loan:
                                 f"({exc})") from exc
         if kind == "ret":
             return value
-        if kind == "unsent":  # the lender did not run it (its connection cannot be lent
-            self.end()        # any more, or stayed in use): it may run elsewhere
-            raise LoanUnsent(self.lender_pid)
         if kind == "lost":  # the lender's connection broke: it is closed there
             self.end()
             raise LoanLostError(f"the connection borrowed from pid {self.lender_pid} broke "
@@ -152,47 +146,8 @@ class Loan:
             sock.close()
 
 
-#: a call no lender ran is sent on a loan asked of a process with an idle connection at
-#: most this many times, then on what an acquire gets (an offer, or a slot of its own)
-MAX_ASKS = 2
-#: ... and given up (LoanLostError) after this many loans in all declined it: each is a
-#: wait for an offer by then, and a lender whose own process keeps taking its connection
-#: back is soon not lent (``_mppools_tight``), so a slot comes instead
-MAX_RESENDS = 32
-
-#: what a borrowed connection carries on with when no lender runs its calls, as an acquire
-#: would get it: a loan offered while waiting, or an :class:`OwnLoan` if a slot came first
-Elsewhere = Callable[[], "Loan"]
-
-
-class OwnLoan(Loan):
-    """A borrowed connection's "loan" of a connection of this process's own, which holds a
-    slot: its calls run here; its end puts the connection back in its pool."""
-
-    def __init__(self, conn: Any) -> None:
-        super().__init__(None, os.getpid(), frozenset(conn.declared_entities))  # type: ignore[arg-type]
-        self._conn: Any = conn
-
-    @property
-    def alive(self) -> bool:
-        return self._conn is not None
-
-    def call(self, request: tuple[Any, ...]) -> Any:
-        conn = self._conn
-        if conn is None:
-            raise LoanUnsent(self.lender_pid)
-        return perform(conn.default_channel, request)
-
-    def end(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.declared_entities.update(i for i in self.declared if isinstance(i, int))
-            conn.release()
-
-
 class LoanUnsent(Exception):
-    """A request did not run on its loan (the loan was over before it was sent, or the
-    lender answered ``unsent``): safe to send elsewhere."""
+    """A loan was found over before a request was sent on it: safe to send elsewhere."""
 
     def __init__(self, lender_pid: int) -> None:
         super().__init__(f"the loan from pid {lender_pid} was over before the call")
@@ -243,17 +198,6 @@ def _request(address: str, request: tuple[Any, ...]) -> Loan | None:
         return None
     sock.settimeout(CALL_TIMEOUT)
     return Loan(sock, int(reply[1]), frozenset(i for i in reply[2] if isinstance(i, int)))
-
-
-def perform(channel: Any, request: tuple[Any, ...]) -> Any:
-    """Run a loan's ``request`` on a real ``channel`` (at the lender, or on a borrower's own
-    connection when no lender ran it): its result, or what it raised."""
-    if request[0] == "publish" and len(request) == 3:
-        prepared, kwargs = request[1], request[2]
-        return channel.basic_publish(channel.prepare_message(*prepared), **kwargs)
-    if request[0] == "call" and len(request) == 4 and request[1] in FORWARDED:
-        return getattr(channel, request[1])(*request[2], **request[3])
-    raise TypeError(f"a loan carries no {request[0]!r} call")
 
 
 class _Prepared:
@@ -310,19 +254,22 @@ class BorrowedChannel(StdChannel):
                             "mandatory": mandatory, "immediate": immediate, **kwargs}))
 
     def _call(self, request: tuple[Any, ...]) -> Any:
-        """Run ``request`` on the loan; if it did not run there (the lender ended the loan
-        before it went out, or answered ``unsent``), elsewhere (see
-        :meth:`BorrowedConnection._mppools_resend`): it had not run, so nothing runs
-        twice."""
+        """Run ``request`` on the loan; if the lender ended it before the request went out
+        (it exited between two calls), on a new loan from another lender: the request had
+        not run, so nothing runs twice."""
         try:
             return self.loan.call(request)
         except LoanUnsent as unsent:
             transport = self.connection
             client = transport.client if transport is not None else None
-            if not isinstance(client, BorrowedConnection):
+            loan = client._mppools_relend() if isinstance(client, BorrowedConnection) \
+                else None
+            if loan is None:
                 raise LoanLostError(f"the connection borrowed from pid {unsent.lender_pid} "
-                                    "is gone") from None
-            return client._mppools_resend(self, request, unsent)
+                                    "is gone, and no other process had one idle to lend") \
+                    from None
+            self.loan = loan
+            return loan.call(request)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name in FORWARDED:
@@ -404,10 +351,9 @@ class BorrowedConnection(Connection):
     """
 
     def __init__(self, loan: Loan, renew: Callable[[], Loan | None], real: type[Any],
-                 info: dict[str, Any], elsewhere: Elsewhere | None = None) -> None:
+                 info: dict[str, Any]) -> None:
         self._mppools_loan: Loan | None = loan
         self._mppools_renew = renew
-        self._mppools_elsewhere = elsewhere
         self._mppools_borrowed_at = time.monotonic()
         super().__init__(**{**info, "transport": borrowed_transport(real)})  # type: ignore[no-untyped-call]
 
@@ -415,8 +361,6 @@ class BorrowedConnection(Connection):
         loan, self._mppools_loan = self._mppools_loan, None
         if loan is None or not loan.alive:
             loan = self._mppools_renew()
-            if loan is None and self._mppools_elsewhere is not None:
-                loan = self._mppools_elsewhere()
             if loan is None:
                 raise LoanLostError(f"no process of the budget had an idle connection to "
                                     f"lend (pid {os.getpid()} asked)")
@@ -425,42 +369,16 @@ class BorrowedConnection(Connection):
         loan.declared = self.declared_entities
         return loan
 
-    def _mppools_adopt(self, loan: Loan) -> None:
-        """Carry on on ``loan`` (another lender's connection)."""
+    def _mppools_relend(self) -> Loan | None:
+        """A new loan in place of one its lender ended between two calls (or None)."""
+        loan = self._mppools_renew()
+        if loan is None:
+            return None
         self.declared_entities.clear()  # another connection: kombu's cache starts afresh
         self.declared_entities.update(loan.known)
         loan.declared = self.declared_entities
         self._connection = loan
-
-    def _mppools_resend(self, channel: BorrowedChannel, request: tuple[Any, ...],
-                        unsent: LoanUnsent) -> Any:
-        """Run a request its lender did not run, and carry on there: on a loan from a
-        process with an idle connection now; else as an acquire would (``elsewhere``): on a
-        loan offered while waiting, or on a connection of this process's own if a slot came
-        first (:class:`OwnLoan`).
-
-        Raises:
-            LoanLostError: no lender had one (and no ``elsewhere``), or lenders kept
-                declining to run it.
-            LimitExceeded: neither a loan nor a slot came in the budget's acquire timeout.
-        """
-        for attempt in range(MAX_RESENDS):
-            # a process with an idle connection at once (a few), then as an acquire would
-            loan = self._mppools_renew() if attempt < MAX_ASKS else None
-            if loan is None and self._mppools_elsewhere is not None:
-                loan = self._mppools_elsewhere()
-            if loan is None:
-                raise LoanLostError(f"the connection borrowed from pid {unsent.lender_pid} is "
-                                    "gone, and no other process had one idle to lend") \
-                    from None
-            self._mppools_adopt(loan)
-            channel.loan = loan
-            try:
-                return loan.call(request)
-            except LoanUnsent as again:
-                unsent = again
-        raise LoanLostError(f"{MAX_RESENDS} loans in a row declined to run a call of pid "
-                            f"{os.getpid()} (the last from pid {unsent.lender_pid})")
+        return loan
 
     def _do_close_self(self) -> None:
         # end the loan before kombu clears the declaration cache: what this loan declared

@@ -7,29 +7,20 @@ One lending thread answers every peer of our uid; a loan is carried by that thre
 process has no other connection to lend meanwhile, else by a thread of its own:
 
 1. a peer asks ``("borrow", key)`` (nobody waits: it takes any idle connection), or
-   ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`), for a
-   connection of a pool whose connection parameters digest to ``key``; the lender answers
-   ``("lent", pid, declared)``, or ``("no",)``. A claimed offer's connection is out of its
-   pool already (a lazy placeholder keeps the pool's size; its slot marked busy). A
-   borrowed one is only *bound* to the loan (lent to nobody else) and stays in its pool;
-2. a bound connection is taken out of its pool by the loan's first call; if its own
-   process used it meanwhile (it wants it: the loan would make it wait), or it cannot be
-   lent any more, the call is answered ``("unsent",)``: it did not run, and the borrower
-   goes on elsewhere, as an acquire would;
-3. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
+   ``("claim", ticket, key)`` (a waiter presents an offer, see :meth:`Lender.offer`); the
+   lender takes a connection it holds, of a pool whose connection parameters digest to
+   ``key``, out of that pool (a lazy placeholder keeps the pool's size), marks its slot busy
+   and answers ``("lent", pid, declared)``; or ``("no",)``;
+2. it runs the borrower's calls on that connection's default channel until ``("end",)`` or
    EOF (a borrower that dies ends its loan);
-4. it hands the connection to a thread of ours that waits for it, or offers it to the next
+3. it hands the connection to a thread of ours that waits for it, or offers it to the next
    waiter, or puts it back where a placeholder stands (marked idle), or closes it if the
    pool has no room or the connection broke (which gives its slot back).
 
-Binding leaves a borrowed connection where it is until it is used, so the borrower's
-producer set-up holds nothing its own process needs. An offer keeps an idle connection out
-of its pool for the waiter it was offered to, for OFFER_WAIT at most: the head of the queue
-gets it, not whoever asks first, and no two waiters are woken for one connection. The
-lender's own thread takes an offered connection back at once if it needs it (the waiter's
-claim then finds nothing and it waits on); offers stay so because a waiter is woken for
-one (a claim arrives a wake-up later, not a producer set-up later), and because tight
-loops' connections, offered and bound, cost their waiters rounds of declined calls.
+An offer keeps an idle connection out of its pool for the waiter it was offered to, for
+OFFER_WAIT at most: the head of the queue gets it, not whoever asks first, and no two
+waiters are woken for one connection. The lender's own thread takes an offered connection
+back at once if it needs it (the waiter's claim then finds nothing and it waits on).
 """
 
 from __future__ import annotations
@@ -53,7 +44,7 @@ from mppools import _fork, _green
 from mppools._limiter._base import Offer
 
 from . import _wire
-from ._borrow import FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_IDLE, perform
+from ._borrow import FORWARDED, FRAME_TIMEOUT, LENDABLE_DRIVERS, MIN_LEND_IDLE
 
 if TYPE_CHECKING:
     from mppools.pools import LimitedConnection
@@ -115,9 +106,6 @@ class Lender:
         self._claims: dict[int, collections.deque[_Claim]] = {}
         #: connections offered to a waiter, by ticket (also in _out)
         self._offered: dict[int, _Offered] = {}
-        #: connections borrowed and not taken by the loan's first call yet: idle in their
-        #: pools (their own process may use them meanwhile), lent to nobody else
-        self._bound: set[LimitedConnection] = set()
         self._poke_r: socket.socket | None = None  # wakes the lending thread (an offer)
         self._poke_w: socket.socket | None = None
         #: the calls run for borrowers, by kind ("publish", "queue_declare")
@@ -258,25 +246,17 @@ class Lender:
                     self._loans.add(peer)
                 return conn
         except OSError:
-            if conn is not None and conn in self._bound:
-                self._unbind(conn)
-            elif conn is not None:
+            if conn is not None:
                 self._give_back(conn, broken=False)
         peer.close()
         return None
 
     def _serve(self, peer: socket.socket, conn: LimitedConnection) -> None:
         """Carry one loan to its end, then give the connection back."""
-        lent: LimitedConnection | None = None
+        lent: LimitedConnection | None = conn
         try:
             peer.settimeout(LOAN_IDLE_TIMEOUT)
-            first = None
-            if conn in self._bound:  # borrowed: its first call takes it
-                first = self._first_call(peer, conn)
-                if first is None:
-                    return
-            lent = conn
-            broken = self._carry(peer, conn, first)
+            broken = self._carry(peer, conn)
             self._give_back(conn, broken=bool(broken))
             lent = None
         except OSError:
@@ -298,72 +278,10 @@ class Lender:
 
         for conn in keeper().held():
             if (self._may_lend(conn) and pool_key(conn._pool) == key
-                    and not self._in_tight_loop(conn) and self._bind(conn)):
+                    and not self._in_tight_loop(conn) and conn._mppools_take_if_idle()):
+                self._taken(conn)
                 return conn
         return None
-
-    def _bind(self, conn: LimitedConnection) -> bool:
-        """Bind ``conn`` to a loan if it sits idle in its pool and is not bound."""
-        with self._lock:
-            if conn in self._bound or not conn._mppools_is_idle():
-                return False
-            self._bound.add(conn)
-            conn._mppools_bound_at = time.monotonic()
-        return True
-
-    def _unbind(self, conn: LimitedConnection) -> None:
-        """A loan whose first call never took ``conn`` is over: offer it to the next waiter
-        (it sits idle in its pool), or let the keeper look at it again."""
-        from mppools._keeper import keeper
-
-        with self._lock:
-            self._bound.discard(conn)
-            self._returned.notify_all()
-        slot, limiter = conn._mppools_slot, conn._mppools_limiter
-        with contextlib.suppress(Exception):
-            if limiter is not None and slot is not None and limiter.under_pressure() and (
-                    self.offer(conn) is not Offer.MADE):
-                keeper().look_again(slot.token, conn)
-
-    def _first_call(self, peer: socket.socket, conn: LimitedConnection) -> Any:
-        """Wait for the loan's first call and take ``conn`` (bound) out of its pool for it;
-        the call, or None if the loan ended first, or if ``conn`` cannot be lent any more or
-        its own process used it since it was bound (then answered ``unsent``: the call did
-        not run, and the borrower goes on elsewhere). Raises OSError if the borrower went
-        away."""
-        try:
-            request = _wire.recv(peer)
-        except OSError:
-            self._unbind(conn)
-            raise
-        if not isinstance(request, tuple) or not request or request[0] == "end":
-            self._unbind(conn)
-            return None
-        since = conn._mppools_idle_since
-        used = since is None or since > conn._mppools_bound_at
-        if used or not self._still_lendable(conn) or not conn._mppools_take_if_idle():
-            if used:  # its own process wanted it meanwhile: see _mppools_tight
-                conn._mppools_taken_back += 1
-            self._unbind(conn)
-            with contextlib.suppress(OSError):
-                _wire.send(peer, ("unsent", None))
-            return None
-        conn._mppools_claimed += 1  # a loan that ran (see _mppools_tight)
-        with self._lock:
-            self._bound.discard(conn)
-        self._taken(conn)
-        return request
-
-    def _still_lendable(self, conn: LimitedConnection) -> bool:
-        """True if a bound ``conn`` may still carry its loan (see :meth:`_may_lend`; a
-        thread of ours waiting for its pool does not stop a loan already made)."""
-        from mppools import _config
-
-        limiter = conn._mppools_limiter
-        # (not whether it still lends: an exiting lender carries the loans it made)
-        return (conn._mppools_slot is not None and limiter is not None
-                and _config.current() is limiter and not limiter.in_debt()
-                and not conn._mppools_severed)
 
     def _may_lend(self, conn: LimitedConnection) -> bool:
         """True if ``conn`` is one to lend at all: connected, holding a slot of the current
@@ -475,13 +393,12 @@ class Lender:
         at = self.lend_from(conn)
         return at is None or time.monotonic() < at
 
-    def _carry(self, peer: socket.socket, conn: LimitedConnection,
-               first: tuple[Any, ...] | None) -> bool | None:
-        """Run the borrower's calls (``first`` first, if read already) until it ends the
-        loan: None if it ended it, False on anything else, True if the connection broke."""
+    def _carry(self, peer: socket.socket, conn: LimitedConnection) -> bool | None:
+        """Run the borrower's calls until it ends the loan: None if it ended it, False on
+        anything else, True if the connection broke."""
         errors = tuple(conn.connection_errors)
-        request: Any = _wire.recv(peer) if first is None else first
         while True:
+            request = _wire.recv(peer)
             if not isinstance(request, tuple) or not request:
                 return False
             if request[0] == "end":
@@ -492,7 +409,16 @@ class Lender:
             try:
                 channel: Any = conn.default_channel
                 self.calls[str(request[1] if request[0] == "call" else request[0])] += 1
-                reply: tuple[str, Any] = ("ret", _plain(perform(channel, request)))
+                if request[0] == "publish":
+                    prepared, kwargs = request[1], request[2]
+                    message = channel.prepare_message(*prepared)
+                    result = channel.basic_publish(message, **kwargs)
+                    reply: tuple[str, Any] = ("ret", _plain(result))
+                elif request[0] == "call" and request[1] in FORWARDED:
+                    result = getattr(channel, request[1])(*request[2], **request[3])
+                    reply = ("ret", _plain(result))
+                else:
+                    reply = ("err", TypeError(f"a loan carries no {request[0]!r} call"))
             except errors as exc:
                 with contextlib.suppress(OSError):
                     _wire.send(peer, ("lost", f"{type(exc).__name__}: {exc}"))
@@ -500,13 +426,12 @@ class Lender:
             except Exception as exc:
                 reply = ("err", _portable(exc))
             _wire.send(peer, reply)
-            request = _wire.recv(peer)
 
     def _give_back(self, conn: LimitedConnection, *, broken: bool) -> None:
-        """A loan ended: hand the connection to a thread of ours that waits for it
-        (:meth:`reclaim`), else put it back in its pool where a placeholder stands, idle, and
-        offer it to the next waiter; close it (its slot goes back) if it broke or the pool
-        has no room."""
+        """A loan ended (or an offer ran out): hand the connection to a thread of ours that
+        waits for it (:meth:`reclaim`), else offer it to the next waiter, else put it back in
+        its pool where a placeholder stands, idle; close it (its slot goes back) if it broke
+        or the pool has no room."""
         from mppools._keeper import keeper
 
         slot, limiter = conn._mppools_slot, conn._mppools_limiter
@@ -585,13 +510,12 @@ class Lender:
         return claim.conn
 
     def quiesce(self, timeout: float = EXIT_WAIT) -> None:
-        """At exit: stop lending and wait up to ``timeout`` seconds for the loans made to
-        end (those out, and those whose first call has not come yet), so that no borrower's
-        call is cut by this process going away."""
+        """At exit: stop lending and wait up to ``timeout`` seconds for the loans out to
+        end, so that no borrower's call is cut by this process going away."""
         self.stop(timeout=min(timeout, 0.5))
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._out or self._bound:
+            while self._out:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -621,7 +545,6 @@ class Lender:
         self._out = set()
         self._claims = {}
         self._offered = {}
-        self._bound = set()
         pokes = [p for p in (self._poke_r, self._poke_w) if p is not None]
         self._poke_r = self._poke_w = None
         self.calls = collections.Counter()
