@@ -310,8 +310,20 @@ class LimitedConnection(PooledConnection):
         """True if lending may take this connection off its holder (lending on, a lendable
         transport, a lending socket up, and its own process known not to use it in a tight
         loop, :meth:`_mppools_tight`: a tight loop's own thread wants it back at once)."""
-        return (self._mppools_tight() is False and _config.lending()
-                and _lending.lendable(self._pool) and _lending.lender().listening())
+        return self._mppools_tight() is False and self._mppools_lending_here()
+
+    def _mppools_lending_here(self) -> bool:
+        """Lending on, this pool's transport lends, and this process's lending socket is up."""
+        return (_config.lending() and _lending.lendable(self._pool)
+                and _lending.lender().listening())
+
+    def _mppools_may_be_lent(self) -> bool:
+        """True unless lending cannot take this connection off its holder (lending off, a
+        transport that does not lend, no lending socket) or its own process is known to use
+        it in a tight loop. Unlike :meth:`_mppools_lendable`, one whose use is not measured
+        yet counts: it is lent once it has sat idle a moment (``Lender.lend_from``), so the
+        end of its turn is no reason to hand its slot over at once."""
+        return self._mppools_tight() is not True and self._mppools_lending_here()
 
     def _mppools_idle_while_waited_for(self, now: float, turn_done: bool) -> None:
         """Back in its pool (idle) while someone waits, inside its quantum or at its turn's
@@ -669,7 +681,7 @@ class LimitedConnectionPool(ConnectionPool):
                 resource._mppools_note_use()
                 turn_done = resource._mppools_turn_done(now)
             if pressure and (pressure & PRESSURE_DEBT or (
-                    turn_done and not resource._mppools_lendable())):
+                    turn_done and not resource._mppools_may_be_lent())):
                 # someone waits and this connection had its quantum (or the budget shrank):
                 # hand the slot on, don't idle
                 resource._mppools_note_turn(now)
@@ -686,7 +698,7 @@ class LimitedConnectionPool(ConnectionPool):
             resource._mppools_note_use()
             turn_done = resource._mppools_turn_done(now)
         if resource._mppools_severed or limiter.in_debt() or _fork._threadless or (
-                turn_done and not resource._mppools_lendable()):
+                turn_done and not resource._mppools_may_be_lent()):
             resource._mppools_note_turn(now)
             resource._mppools_close_taken()
             return None
