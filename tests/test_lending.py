@@ -682,18 +682,25 @@ def test_the_lenders_own_thread_takes_back_a_connection_kept_for_a_waiter(
     assert _count(pair.direct, pair.name) == 3
 
 
-def test_a_connection_not_measured_yet_is_lent_at_its_turns_end_not_handed_over(
-        broker: tuple[str, CountingProxy], budget_name: str) -> None:
-    """Regression (figure 9, gunicorn at 800 req/s, +20 ms per connect): a holder's turn
-    had run out before anyone waited, so the first release after a waiter came found the
-    turn done, and its use not measured yet (its uses are measured only while others wait)
-    counted as "not lendable": the slot was handed over at once, the next holder paid a
-    new broker connection, and that round's p99 went from 3.5 to 14 ms. Not measured yet,
-    it is lent once it has sat idle a moment (``Lender.lend_from``), as anywhere else: the
-    waiter borrows it, and no slot changes hands."""
+@dataclass
+class PastItsTurn:
+    """A budget of one slot whose holder is busy past its turn (the shortest quantum), its
+    use never measured (nobody waited yet), and a second worker to wait behind it."""
+
+    direct: str
+    proxy: CountingProxy
+    url: str
+    name: str
+    holder: Worker
+    waiter: Worker
+    opened: int
+
+
+@pytest.fixture
+def past_its_turn(broker: tuple[str, CountingProxy], budget_name: str
+                  ) -> Iterator[PastItsTurn]:
     direct, proxy = broker
     url = proxy.url_for(direct)
-    # the shortest quantum: the turn is over long before the waiter comes
     mppools.configure(limit=1, name=budget_name, idle_timeout=None, acquire_timeout=5,
                       hold_quantum=pools.QUANTUM_FLOOR)
     holder, waiter = Worker(_HANDLERS), Worker(_HANDLERS)
@@ -703,16 +710,45 @@ def test_a_connection_not_measured_yet_is_lent_at_its_turns_end_not_handed_over(
         opened = proxy.total_accepted
         holder.call("hold_busy", url)
         time.sleep(2 * pools.QUANTUM_FLOOR)  # past the quantum (bounded, not a sync)
-        waiter.send("publish", url, name, {"from": "waiter"})
-        assert _wait_for(_waiting, 1) == 1
-        holder.call("release_busy")  # the first release while someone waits
-        assert waiter.answer(timeout=15) == "BorrowedConnection"
-        assert proxy.total_accepted == opened, "the slot changed hands (a new connection)"
-        assert _wait_for(lambda: holder.call("idle_held", url), 1) == 1
-        assert _count(direct, name) == 2
+        yield PastItsTurn(direct, proxy, url, name, holder, waiter, opened)
     finally:
         holder.kill()
         waiter.kill()
+
+
+def test_a_connection_not_measured_yet_is_lent_at_its_turns_end_not_handed_over(
+        past_its_turn: PastItsTurn) -> None:
+    """Regression (figure 9, gunicorn at 800 req/s, +20 ms per connect): a holder's turn
+    had run out before anyone waited, so the first release after a waiter came found the
+    turn done, and its use not measured yet (its uses are measured only while others wait)
+    counted as "not lendable": the slot was handed over at once, the next holder paid a
+    new broker connection, and that round's p99 went from 3.5 to 14 ms. Not measured yet,
+    it is lent once it has sat idle a moment (``Lender.lend_from``), as anywhere else: the
+    waiter borrows it, and no slot changes hands."""
+    t = past_its_turn
+    t.waiter.send("publish", t.url, t.name, {"from": "waiter"})
+    assert _wait_for(_waiting, 1) == 1
+    t.holder.call("release_busy")  # the first release while someone waits
+    assert t.waiter.answer(timeout=15) == "BorrowedConnection"
+    assert t.proxy.total_accepted == t.opened, "the slot changed hands (a new connection)"
+    assert _wait_for(lambda: t.holder.call("idle_held", t.url), 1) == 1
+    assert _count(t.direct, t.name) == 2
+
+
+def test_a_turns_end_not_measured_hands_the_slot_to_a_waiter_that_cannot_borrow(
+        past_its_turn: PastItsTurn) -> None:
+    """Promise 4 beside the test above: kept idle to be lent, the connection still goes to
+    a waiter that cannot borrow (a raw ``connections.acquire()`` at the head of the queue):
+    the keeper hands its slot over once it may be lent (``MIN_LEND_IDLE``) instead of
+    leaving it idle."""
+    t = past_its_turn
+    t.waiter.send("raw_acquire", t.url)
+    assert _wait_for(_waiting, 1) == 1
+    t.holder.call("release_busy")
+    assert t.waiter.answer(timeout=15) == "LimitedConnection"
+    assert t.proxy.total_accepted == t.opened + 1  # the waiter's own connection
+    assert t.holder.call("idle_held", t.url) == 0
+    assert t.holder.call("lender_calls") == {}  # nothing was lent
 
 
 def test_a_waiter_that_cannot_borrow_gets_the_idle_slot_handed_over(pair: Pair) -> None:
