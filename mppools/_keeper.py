@@ -59,6 +59,12 @@ MAX_IDLE_GRACE = 0.05
 SEVER_GRACE = 0.05
 #: a look due this soon (seconds) is not moved earlier: the keeper is not woken for it
 MIN_LOOK = 0.001
+#: a connection its own process uses in a tight loop is looked at less often while that
+#: loop runs: each look found it in use doubles the interval to the next, from the grace up
+#: to this (seconds). Every look takes the GIL from the busy thread, and on a busy host each
+#: costs that thread far more than the look itself (docs/performance.md, "The keeper's
+#: looks"); a loop that stops is handed on this much later at most
+MAX_TIGHT_LOOK = 0.05
 
 
 def idle_grace() -> float:
@@ -121,6 +127,8 @@ class Keeper:
         self._held: dict[int, weakref.ref[LimitedConnection]] = {}
         #: yield requests to look at again when their connection may yield (keeper thread)
         self._deferred: dict[int, float] = {}
+        #: for a tight loop's connection found in use: the interval to its next look
+        self._backoff: dict[int, float] = {}
         #: sever requests, due at (keeper thread)
         self._severs: dict[int, float] = {}
         self.severed = 0
@@ -154,16 +162,21 @@ class Keeper:
             with self._lock:
                 self._starting = False
 
-    def look_again(self, token: int, conn: LimitedConnection | None = None) -> None:
+    def look_again(self, token: int, conn: LimitedConnection | None = None, *,
+                   tight: bool = False) -> None:
         """The connection holding ``token`` (``conn``) went idle while someone waits, inside
         its hold quantum or not lendable yet: look at it again when it may be lent
         (:func:`_lend_from`) or, at the latest, a grace (:func:`idle_grace`) from now, and
-        lend it or hand it on if it is still idle then (no waiter has to ask).
+        lend it or hand it on if it is still idle then (no waiter has to ask). For a
+        connection its own process uses in a tight loop (``tight``), a look already due is
+        not moved earlier (see MAX_TIGHT_LOOK).
         Called by the pools and the lending thread from any thread; one wake-up of the
         keeper per look."""
         if self._sock is None:
             return
         current = self._deferred.get(token)
+        if tight and current is not None:
+            return  # looked at soon enough: the keeper backs off while the loop runs
         now = time.monotonic()
         if current is not None and current <= now + MIN_LOOK:
             return  # looked at soon anyway
@@ -186,6 +199,7 @@ class Keeper:
     def untrack(self, token: int) -> None:
         with self._lock:
             self._held.pop(token, None)
+        self._backoff.pop(token, None)
 
     def held(self) -> list[LimitedConnection]:
         with self._lock:
@@ -259,6 +273,7 @@ class Keeper:
         with self._lock:
             self._stop_locked()
             self._held.clear()
+        self._backoff.clear()
 
     def go_threadless(self, timeout: float = 2.0) -> None:
         """For :func:`mppools._fork.forbid_threads`: give back the slot of every idle
@@ -348,8 +363,17 @@ class Keeper:
         hand_due = now >= hand_at or conn._mppools_turn_done(now)
         lend_at = _lend_from(conn) if since is not None else None
         if not hand_due and (lend_at is None or now < lend_at):
-            self._deferred[token] = hand_at if lend_at is None else min(hand_at, lend_at)
+            due = hand_at if lend_at is None else min(hand_at, lend_at)
+            if conn._mppools_tight():
+                # in use (or used within the grace) in a tight loop: it comes back in
+                # microseconds, and its own releases hand it on at its turn's end; look
+                # again later each time this is so
+                interval = min(self._backoff.get(token, idle_grace() / 2) * 2, MAX_TIGHT_LOOK)
+                self._backoff[token] = interval
+                due = max(due, now + interval)
+            self._deferred[token] = due
             return
+        self._backoff.pop(token, None)
         if since is not None:
             outcome = _offer(conn)
             if outcome is Offer.MADE:
@@ -414,6 +438,7 @@ class Keeper:
         sock, self._sock, self._thread, self._address = self._sock, None, None, None
         self._held = {}
         self._deferred = {}
+        self._backoff = {}
         self._severs = {}
         poker, self._poker = self._poker, None
         if poker is not None:

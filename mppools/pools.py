@@ -334,12 +334,13 @@ class LimitedConnection(PooledConnection):
         if slot is None:
             return
         outcome = Offer.HAND_OVER
-        if turn_done or self._mppools_lendable():
+        tight = self._mppools_tight()
+        if turn_done or (tight is False and self._mppools_lending_here()):
             outcome = _lending.lender().offer(self)
         if outcome is Offer.MADE:
             return
         if not turn_done or outcome is Offer.NOT_NEEDED:
-            keeper().look_again(slot.token, self)
+            keeper().look_again(slot.token, self, tight=tight is True)
         elif self._mppools_take_if_idle():
             self._mppools_note_turn(now)
             self._mppools_close_taken()
