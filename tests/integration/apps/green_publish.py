@@ -89,8 +89,12 @@ def publish_child() -> None:
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
     spawn_all([lambda k=k: worker(k) for k in range(GREENLETS)])
-    print(json.dumps({"pid": os.getpid(), "ok": ok[0], "errors": errors[:5],
-                      "n_errors": len(errors)}), flush=True)
+    # one write of the whole line: the children share the pipe, and print() may write the
+    # text and its newline apart (two children's reports then ran into one line)
+    sys.stdout.flush()
+    report = json.dumps({"pid": os.getpid(), "ok": ok[0], "errors": errors[:5],
+                         "n_errors": len(errors)})
+    os.write(sys.stdout.fileno(), f"{report}\n".encode())
 
 
 def main_publish() -> int:
