@@ -61,9 +61,9 @@ SEVER_GRACE = 0.05
 MIN_LOOK = 0.001
 #: a connection its own process uses in a tight loop is looked at less often while that
 #: loop runs: each look found it in use doubles the interval to the next, from the grace up
-#: to this (seconds). Every look takes the GIL from the busy thread, and on a busy host each
-#: costs that thread far more than the look itself (docs/performance.md, "The keeper's
-#: looks"); a loop that stops is handed on this much later at most
+#: to this (seconds). Every look takes the GIL from the busy thread, and each costs that
+#: thread far more than the look itself (docs/performance.md, "The keeper's looks at a
+#: tight loop"); a loop that stops while someone waits is handed on this much later at most
 MAX_TIGHT_LOOK = 0.05
 
 
