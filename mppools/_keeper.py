@@ -168,8 +168,8 @@ class Keeper:
         its hold quantum or not lendable yet: look at it again when it may be lent
         (:func:`_lend_from`) or, at the latest, a grace (:func:`idle_grace`) from now, and
         lend it or hand it on if it is still idle then (no waiter has to ask). For a
-        connection its own process uses in a tight loop (``tight``), a look already due is
-        not moved earlier (see MAX_TIGHT_LOOK).
+        connection its own process uses in a tight loop (``tight``), a look already
+        scheduled is not moved earlier (see MAX_TIGHT_LOOK).
         Called by the pools and the lending thread from any thread; one wake-up of the
         keeper per look."""
         if self._sock is None:

@@ -306,12 +306,6 @@ class LimitedConnection(PooledConnection):
         return self._mppools_gap < _lending.MIN_LEND_GAP or (
             0.0 <= self._mppools_idle_gap < _lending.MIN_LEND_IDLE_GAP)
 
-    def _mppools_lendable(self) -> bool:
-        """True if lending may take this connection off its holder (lending on, a lendable
-        transport, a lending socket up, and its own process known not to use it in a tight
-        loop, :meth:`_mppools_tight`: a tight loop's own thread wants it back at once)."""
-        return self._mppools_tight() is False and self._mppools_lending_here()
-
     def _mppools_lending_here(self) -> bool:
         """Lending on, this pool's transport lends, and this process's lending socket is up."""
         return (_config.lending() and _lending.lendable(self._pool)
@@ -320,9 +314,9 @@ class LimitedConnection(PooledConnection):
     def _mppools_may_be_lent(self) -> bool:
         """True unless lending cannot take this connection off its holder (lending off, a
         transport that does not lend, no lending socket) or its own process is known to use
-        it in a tight loop. Unlike :meth:`_mppools_lendable`, one whose use is not measured
-        yet counts: it is lent once it has sat idle a moment (``Lender.lend_from``), so the
-        end of its turn is no reason to hand its slot over at once."""
+        it in a tight loop (:meth:`_mppools_tight`). One whose use is not measured yet
+        counts: it is lent once it has sat idle a moment (``Lender.lend_from``), so the end
+        of its turn is no reason to hand its slot over at once."""
         return self._mppools_tight() is not True and self._mppools_lending_here()
 
     def _mppools_idle_while_waited_for(self, now: float, turn_done: bool) -> None:
@@ -335,6 +329,8 @@ class LimitedConnection(PooledConnection):
             return
         outcome = Offer.HAND_OVER
         tight = self._mppools_tight()
+        # inside its quantum, only one known not to be in a tight loop is offered (its own
+        # thread would want a tight loop's connection back at once)
         if turn_done or (tight is False and self._mppools_lending_here()):
             outcome = _lending.lender().offer(self)
         if outcome is Offer.MADE:
