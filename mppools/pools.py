@@ -254,9 +254,16 @@ class LimitedConnection(PooledConnection):
         self._mppools_first_done_at = now
         quantum = self._fitted_quantum(limiter)
         rate = limiter.use_rate()
+        owed, pool = 0, self._pool
+        if isinstance(pool, LimitedConnectionPool):
+            owed, pool._mppools_owed = pool._mppools_owed, 0
         if quantum > 0.0 and rate > 0.0:
-            self._mppools_turn_uses = max(2, round(rate * quantum))
-            quantum *= TURN_TIME_CAP
+            turn = max(2, round(rate * quantum))
+            # what this process's last turn fell short of (its time ran out first) is added
+            # to this one, at most a turn more; its time cap stretches by as much
+            owed = min(owed, turn)
+            self._mppools_turn_uses = turn + owed
+            quantum *= TURN_TIME_CAP * (turn + owed) / turn
         self._mppools_hand_on_at = self._mppools_taken_at + quantum
 
     def _mppools_turn_done(self, now: float) -> bool:
@@ -266,11 +273,18 @@ class LimitedConnection(PooledConnection):
 
     def _mppools_note_turn(self, now: float) -> None:
         """A turn ends by handing the slot on at a release: fold its uses per second (after
-        its first use, which paid the set-up) into the budget's use rate."""
+        its first use, which paid the set-up) into the budget's use rate. A turn counted in
+        uses that a tight loop could not fill before its time ran out (its process ran less
+        than the others) leaves what it fell short of owed to its pool's next turn: turns
+        then carry the same number of messages over time, whichever process has them."""
         limiter, uses = self._mppools_limiter, self._mppools_uses
         spent = now - self._mppools_first_done_at
         if limiter is not None and uses > 1 and spent > 0.0:
             limiter.note_use_rate((uses - 1) / spent)
+        pool, turn = self._pool, self._mppools_turn_uses
+        if isinstance(pool, LimitedConnectionPool):
+            short = turn - uses if turn > 0 and uses < turn else 0
+            pool._mppools_owed = short if short and self._mppools_tight() is True else 0
 
     def _mppools_note_use(self) -> None:
         """At a release while others wait: if this use's start was stamped (it began under
@@ -472,6 +486,9 @@ class LimitedConnectionPool(ConnectionPool):
     # inherited connections, and py-amqp's collect calls ``socket.shutdown()``, which breaks
     # the parent's connection. mppools' fork handler replaces it for every kind of fork.
     close_after_fork = False
+    #: uses this process's last turn fell short of, added to its next (see
+    #: ``LimitedConnection._mppools_note_turn``)
+    _mppools_owed: int = 0
 
     def __init__(self, connection: Any, limit: int | None = None, **kwargs: Any) -> None:
         super().__init__(connection, limit=limit, **kwargs)
@@ -708,6 +725,7 @@ class LimitedConnectionPool(ConnectionPool):
         # fresh queue: a thread of the parent may have held the old queue's mutex at fork
         self._resource = LifoQueue()
         self._dirty = set()
+        self._mppools_owed = 0  # the parent's turns, not this process's
         for conn in inherited:
             if isinstance(conn, LimitedConnection):
                 conn._mppools_drop_inherited()
@@ -863,6 +881,7 @@ class ProducerPool(_kombu_pools.ProducerPool):
                 _fork.bury(producer)
         self._resource = LifoQueue()
         self._dirty = set()
+        self._mppools_owed = 0  # the parent's turns, not this process's
         self._closed = False
         self.setup()
 

@@ -372,3 +372,102 @@ def test_only_the_head_of_the_queue_audits_every_slice(
     assert head.ident is not None and second.ident is not None
     assert max(slices[head.ident]) <= _wait.SLICE
     assert max(slices[second.ident]) == pytest.approx(_wait.SLICE * _wait.BEHIND_SLICES)
+
+
+def _turn(pool: object, limiter: Limiter, pause_between: float = 0.0,
+          stall_at_end: bool = False) -> int:
+    """One turn of a holder while a waiter queues: acquire, use in a loop (``pause_between``
+    seconds between uses), and, with ``stall_at_end``, hold the last use until the turn's time
+    is out; returns how many uses the turn carried before its slot went to the waiter (at a
+    release, or by the keeper while the connection sat in its pool)."""
+    conn = pool.acquire(block=True, timeout=5)  # type: ignore[attr-defined]
+    conn.connect()
+    waiter, outcome = _start_waiter(limiter, timeout=30)
+    uses = 0
+    deadline = time.monotonic() + 20
+    while not outcome and time.monotonic() < deadline:
+        if stall_at_end and uses == 50:
+            while time.monotonic() <= conn._mppools_hand_on_at:  # bounded: a turn's cap
+                time.sleep(0.01)
+        conn.release()
+        uses += 1
+        if conn._mppools_slot is None:
+            break
+        if pause_between:
+            time.sleep(pause_between)
+        if outcome:  # the keeper handed it on meanwhile
+            break
+        conn = pool.acquire(block=True, timeout=5)  # type: ignore[attr-defined]
+    waiter.join(30)
+    assert outcome == ["got"]
+    return uses
+
+
+def _short_turn_budget(budget_name: str, monkeypatch: pytest.MonkeyPatch) -> Limiter:
+    """limit 1, a 0.2 s quantum, a use rate of 1,000/s known: turns of 200 uses."""
+    from mppools import _keeper
+
+    monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)  # the gaps between uses are not idle
+    monkeypatch.setattr(_keeper, "MAX_IDLE_GRACE", 3600.0)
+    monkeypatch.setattr(mppools.pools, "QUANTUM_FLOOR", 0.2)
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=0.2,
+                                idle_timeout=None)
+    limiter.note_handover_cost(0.0001)  # fitted: the floor, 0.2 s
+    limiter.note_use_rate(1000.0)
+    return limiter
+
+
+def test_a_tight_loops_turn_cut_short_by_time_is_made_up_in_its_next(
+    budget_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fair turns over time: a tight loop whose turn ran out of time before it carried its
+    uses (its process ran less: here one use stalls past the turn's time cap) gets what it
+    fell short of added to its next turn, so its two turns carry what two full ones do."""
+    limiter = _short_turn_budget(budget_name, monkeypatch)
+    pool = mppools.connections[Connection("memory://")]
+    first = _turn(pool, limiter, stall_at_end=True)
+    assert first == 51  # handed on at the stalled use's release, its time out
+    owed = 200 - first
+    turn = max(2, round(limiter.use_rate() * 0.2))  # the estimate moved with the first turn
+    second = _turn(pool, limiter)
+    assert second == turn + min(owed, turn)
+
+
+def test_a_turn_cut_short_when_not_in_a_tight_loop_owes_nothing(
+    budget_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder that used its connection less often than a tight loop (a worker between
+    requests) was not held back: its short turn is not made up."""
+    limiter = _short_turn_budget(budget_name, monkeypatch)
+    pool = mppools.connections[Connection("memory://")]
+    first = _turn(pool, limiter, pause_between=0.01)
+    assert 2 <= first < 200  # handed on by time: 10 ms apart, 0.3 s at most
+    assert pool._mppools_owed == 0
+    turn = max(2, round(limiter.use_rate() * 0.2))
+    assert _turn(pool, limiter) == turn
+
+
+def test_a_forked_child_owes_nothing_of_its_parents_turns(
+    budget_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a pool's last turn fell short of is the parent's: a forked child's pool starts
+    its turns owing nothing."""
+    import os
+
+    limiter = _short_turn_budget(budget_name, monkeypatch)
+    pool = mppools.connections[Connection("memory://")]
+    _turn(pool, limiter, stall_at_end=True)
+    assert pool._mppools_owed > 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, str(pool._mppools_owed).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    assert got == "0"
