@@ -881,7 +881,6 @@ class ProducerPool(_kombu_pools.ProducerPool):
                 _fork.bury(producer)
         self._resource = LifoQueue()
         self._dirty = set()
-        self._mppools_owed = 0  # the parent's turns, not this process's
         self._closed = False
         self.setup()
 
