@@ -452,22 +452,10 @@ def test_a_forked_child_owes_nothing_of_its_parents_turns(
 ) -> None:
     """What a pool's last turn fell short of is the parent's: a forked child's pool starts
     its turns owing nothing."""
-    import os
+    from forkutil import run_in_child
 
     limiter = _short_turn_budget(budget_name, monkeypatch)
     pool = mppools.connections[Connection("memory://")]
     _turn(pool, limiter, stall_at_end=True)
     assert pool._mppools_owed > 0
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.write(w, str(pool._mppools_owed).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        got = f.read()
-    os.waitpid(pid, 0)
-    assert got == "0"
+    assert run_in_child(lambda: pool._mppools_owed) == 0
