@@ -127,10 +127,12 @@ def _parse_sentinel(url: str, timeout: float) -> redis.Redis:
                             "retry": Retry(NoBackoff(), 0)}
     if parts.password is not None:
         opts["password"] = urllib.parse.unquote(parts.password)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py types Sentinel from 8.x on; through Any the call checks under 5.x-8.x alike
+    sentinel_cls: Any = Sentinel
+    sentinel = sentinel_cls(
         nodes, sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
         **opts)
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(
         path[0], db=int(path[1]) if len(path) == 2 else 0)
     return master
 
