@@ -145,7 +145,6 @@ class LimitedConnection(PooledConnection):
     #: wait hands the slot on (0: the quantum is in time only)
     _mppools_uses: int = 0
     _mppools_turn_uses: int = 0
-    _mppools_first_done_at: float = 0.0
     #: its sockets were cut (its lease was lost): closed at its release, never reused
     _mppools_severed: bool = False
     #: how often its own process uses it: the time from the start of one use to the start
@@ -171,6 +170,12 @@ class LimitedConnection(PooledConnection):
     #: MIN_LEND_IDLE_GAP between uses: lendable
     _mppools_idle_gap: float = -1.0
     _mppools_idle_gaps: tuple[float, ...] = ()
+    #: this turn's uses that began while others waited: the first one's start, the last
+    #: one's, and how many came after the first (its use rate under pressure; the time
+    #: before anyone waited, idle or not, is no part of it)
+    _mppools_pressed_at: float = _NEVER
+    _mppools_pressed_last: float = _NEVER
+    _mppools_pressed_uses: int = 0
     #: when it was last taken out of its pool to be lent or offered, it had sat there since
     _mppools_out_since: float | None = None
     #: offers of it this turn that its own process took back before the waiter claimed them
@@ -205,6 +210,8 @@ class LimitedConnection(PooledConnection):
         self._mppools_taken_back = self._mppools_claimed = 0
         self._mppools_began_before = _NEVER
         self._mppools_acquired_at = _NEVER
+        self._mppools_pressed_at = self._mppools_pressed_last = _NEVER
+        self._mppools_pressed_uses = 0
         # no cells in a thread-free process: its releases then take the limiter's path, which
         # gives the slot back at once (no keeper could hand an idle one on later)
         cells = None if _fork._threadless else limiter.cells(slot)
@@ -251,7 +258,6 @@ class LimitedConnection(PooledConnection):
         local = now - self._mppools_taken_at
         granted = time.time() - slot.acquired_at
         limiter.note_handover_cost(granted if local <= granted <= local + 1.0 else local)
-        self._mppools_first_done_at = now
         quantum = self._fitted_quantum(limiter)
         rate = limiter.use_rate()
         owed, pool = 0, self._pool
@@ -272,15 +278,18 @@ class LimitedConnection(PooledConnection):
         return (0 < turn <= self._mppools_uses) or now >= self._mppools_hand_on_at
 
     def _mppools_note_turn(self, now: float) -> None:
-        """A turn ends by handing the slot on at a release: fold its uses per second (after
-        its first use, which paid the set-up) into the budget's use rate. A turn counted in
+        """A turn ends by handing the slot on at a release: fold its uses per second while
+        others waited (from the start of its first use under pressure to that of its last:
+        neither a set-up nor a quiet stretch before anyone waited counts) into the budget's
+        use rate. A turn counted in
         uses that a tight loop could not fill before its time ran out (its process ran less
         than the others) leaves what it fell short of owed to its pool's next turn: turns
         then carry the same number of messages over time, whichever process has them."""
         limiter, uses = self._mppools_limiter, self._mppools_uses
-        spent = now - self._mppools_first_done_at
-        if limiter is not None and uses > 1 and spent > 0.0:
-            limiter.note_use_rate((uses - 1) / spent)
+        n = self._mppools_pressed_uses
+        span = self._mppools_pressed_last - self._mppools_pressed_at
+        if limiter is not None and n > 1 and span > 0.0:
+            limiter.note_use_rate(n / span)
         pool, turn = self._pool, self._mppools_turn_uses
         if isinstance(pool, LimitedConnectionPool):
             short = turn - uses if turn > 0 and uses < turn else 0
@@ -288,12 +297,19 @@ class LimitedConnection(PooledConnection):
 
     def _mppools_note_use(self) -> None:
         """At a release while others wait: if this use's start was stamped (it began under
-        pressure) and not counted yet, fold the time from the previous counted start to it
-        into the median of the last three (of two: the smaller)."""
+        pressure) and not counted yet, count it for the turn's use rate and fold the time
+        from the previous counted start to it into the median of the last three (of two:
+        the smaller)."""
         began, before = self._mppools_acquired_at, self._mppools_began_before
         if began > _NEVER:
             self._mppools_acquired_at = _NEVER  # counted once
             self._mppools_began_before = began
+            if self._mppools_pressed_at == _NEVER:
+                if self._mppools_uses > 1:  # the slot's first use paid the set-up
+                    self._mppools_pressed_at = began
+            else:
+                self._mppools_pressed_uses += 1
+                self._mppools_pressed_last = began
             if before > _NEVER:
                 self._mppools_gaps, self._mppools_gap = _last_three(self._mppools_gaps,
                                                                     began - before)

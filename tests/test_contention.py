@@ -144,6 +144,46 @@ def test_the_quantum_fits_what_a_hand_over_costs() -> None:
         assert conn._fitted_quantum(limiter) == pytest.approx(expected)
 
 
+def test_the_use_rate_counts_only_the_uses_made_while_others_wait(
+    budget_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn's use rate is that of its uses that began while someone waited: a holder that
+    sat idle with its slot before anyone came (here 0.5 s) does not fold that stretch into
+    the budget's estimate (it did: its uses divided by all the time since its first use, and
+    every turn after it was that much shorter in uses)."""
+    from mppools import _keeper
+
+    monkeypatch.setattr(_keeper, "IDLE_GRACE", 3600.0)  # only the turn's rule hands it on
+    monkeypatch.setattr(_keeper, "MAX_IDLE_GRACE", 3600.0)
+    limiter = mppools.configure(limit=1, name=budget_name, hold_quantum=5.0,
+                                idle_timeout=None)
+    limiter.note_handover_cost(1.0)  # quantum 5 s
+    limiter.note_use_rate(40.0)  # turns of 40 x 5 = 200 uses
+    pool = mppools.connections[Connection("memory://")]
+    conn = pool.acquire(block=True, timeout=5)
+    conn.connect()
+    conn.release()  # its first use: nobody waits
+    time.sleep(0.5)  # held, idle, unwanted
+    conn = pool.acquire(block=True, timeout=5)
+    waiter, outcome = _start_waiter(limiter, timeout=30)
+    uses, began = 0, time.monotonic()
+    deadline = began + 20
+    while conn._mppools_slot is not None and time.monotonic() < deadline:
+        conn.release()
+        uses += 1
+        if conn._mppools_slot is None:
+            break
+        conn = pool.acquire(block=True, timeout=5)
+    ended = time.monotonic()
+    waiter.join(30)
+    assert outcome == ["got"]
+    sample = 40.0 + (limiter.use_rate() - 40.0) * 8  # the running average moves by 1/8
+    # at least the loop's own rate (its uses after the first, over less than its time);
+    # the whole hold (0.5 s more) would give less than uses / 0.5
+    assert sample >= (uses - 2) / (ended - began)
+    assert sample > 2 * uses / 0.5
+
+
 def test_the_hand_over_cost_is_a_running_average(budget_name: str) -> None:
     limiter = mppools.configure(limit=1, name=budget_name)
     assert limiter.handover_cost() == 0.0
@@ -385,7 +425,7 @@ def _turn(pool: object, limiter: Limiter, pause_between: float = 0.0,
     waiter, outcome = _start_waiter(limiter, timeout=30)
     uses = 0
     deadline = time.monotonic() + 20
-    while not outcome and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         if stall_at_end and uses == 50:
             while time.monotonic() <= conn._mppools_hand_on_at:  # bounded: a turn's cap
                 time.sleep(0.01)
@@ -395,9 +435,11 @@ def _turn(pool: object, limiter: Limiter, pause_between: float = 0.0,
             break
         if pause_between:
             time.sleep(pause_between)
-        if outcome:  # the keeper handed it on meanwhile
+        if outcome or conn._mppools_slot is None:  # the keeper handed it on meanwhile
             break
         conn = pool.acquire(block=True, timeout=5)  # type: ignore[attr-defined]
+    # the loop ends only after a release: a connection left out here (taken again just
+    # before the waiter said "got") would fill the pool's limit of 1 for the next turn
     waiter.join(30)
     assert outcome == ["got"]
     return uses
