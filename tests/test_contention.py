@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -31,6 +32,20 @@ def _start_waiter(limiter: Limiter, timeout: float) -> tuple[threading.Thread, l
         time.sleep(0.001)
     assert limiter.stats().waiting == 1
     return waiter, outcome
+
+
+def _use_until_handed_on(pool: Any, conn: Any) -> int:
+    """Release and take ``conn`` back from ``pool`` in a tight loop until a release hands
+    its slot on (within 20 s); returns the releases made."""
+    uses = 0
+    deadline = time.monotonic() + 20
+    while conn._mppools_slot is not None and time.monotonic() < deadline:
+        conn.release()
+        uses += 1
+        if conn._mppools_slot is None:
+            break
+        conn = pool.acquire(block=True, timeout=5)
+    return uses
 
 
 @pytest.mark.parametrize("quantum", [0.0, 60.0])
@@ -166,14 +181,8 @@ def test_the_use_rate_counts_only_the_uses_made_while_others_wait(
     time.sleep(0.5)  # held, idle, unwanted
     conn = pool.acquire(block=True, timeout=5)
     waiter, outcome = _start_waiter(limiter, timeout=30)
-    uses, began = 0, time.monotonic()
-    deadline = began + 20
-    while conn._mppools_slot is not None and time.monotonic() < deadline:
-        conn.release()
-        uses += 1
-        if conn._mppools_slot is None:
-            break
-        conn = pool.acquire(block=True, timeout=5)
+    began = time.monotonic()
+    uses = _use_until_handed_on(pool, conn)
     ended = time.monotonic()
     waiter.join(30)
     assert outcome == ["got"]
@@ -315,14 +324,7 @@ def test_a_turn_is_counted_in_uses_once_the_use_rate_is_known(
     conn = pool.acquire(block=True, timeout=5)
     conn.connect()
     waiter, outcome = _start_waiter(limiter, timeout=30)
-    uses = 0
-    deadline = time.monotonic() + 20
-    while conn._mppools_slot is not None and time.monotonic() < deadline:
-        conn.release()
-        uses += 1
-        if conn._mppools_slot is None:
-            break
-        conn = pool.acquire(block=True, timeout=5)
+    uses = _use_until_handed_on(pool, conn)
     waiter.join(30)
     assert outcome == ["got"]
     assert uses == expected

@@ -81,8 +81,12 @@ def _measured(starts_and_ends: list[tuple[float, float]]) -> Any:
                                 _mppools_began_before=float("-inf"),
                                 _mppools_acquired_at=float("-inf"),
                                 _mppools_idle_since=None, _mppools_out_since=None,
-                                _mppools_taken_back=0, _mppools_claimed=0)
+                                _mppools_taken_back=0, _mppools_claimed=0,
+                                _mppools_pressed_at=float("-inf"),
+                                _mppools_pressed_last=float("-inf"),
+                                _mppools_pressed_uses=0, _mppools_uses=0)
     for began, ended in starts_and_ends:
+        conn._mppools_uses += 1
         conn._mppools_acquired_at = began  # stamped at the acquire
         LimitedConnection._mppools_note_use(conn)  # at the release
         LimitedConnection._mppools_note_use(conn)  # a release without a stamp counts nothing
